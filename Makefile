@@ -1,0 +1,44 @@
+# Thin wrappers over cargo and p2prig. Everything the targets need is installed by
+# ci/install-deps.sh (the `deps` target) and built into $(P2PRIG_CACHE).
+
+CARGO    ?= cargo
+KERNEL   ?= v1
+P2PRIG   := target/release/p2prig
+RESULTS  := target/p2prig
+
+.PHONY: all deps build artifacts vm-test test fmt-check clippy unit vm-sigint-test clean-runs
+
+all: build
+
+deps:
+	@./ci/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace --locked
+
+# QEMU, the guest kernel(s) and the initramfs, cached by input hash.
+artifacts: build
+	$(P2PRIG) build all --kernel $(KERNEL)
+
+# The main job: boot the rig and run the smoke scenario on $(KERNEL).
+vm-test: artifacts
+	@mkdir -p $(RESULTS)
+	$(P2PRIG) run --kernel $(KERNEL) --scenario smoke --junit $(RESULTS)/junit-smoke.xml
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit: deps
+	$(CARGO) test --workspace --locked
+
+# Ctrl-C during boot leaves no QEMU or nvme-cmb behind (needs the artifacts).
+vm-sigint-test: artifacts
+	$(CARGO) test --release --locked -p p2prig --test vm_sigint -- --ignored --nocapture
+
+test: fmt-check clippy unit vm-test vm-sigint-test
+
+clean-runs:
+	rm -rf $(RESULTS)/runs

@@ -1,0 +1,141 @@
+//! The JSON-lines envelope shared by every control channel.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Longest line any side accepts; a longer one is a protocol error, not an allocation.
+pub const MAX_LINE_BYTES: usize = 4 << 20;
+
+/// A request: an operation of the channel's type `Op`, tagged with a caller-chosen id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request<Op> {
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// A reply to the request with the same `id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply<T> {
+    pub id: u64,
+    #[serde(flatten)]
+    pub outcome: Outcome<T>,
+}
+
+/// Success with a value, or an error with the errno that caused it (0 when none applies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome<T> {
+    Ok(T),
+    Err(ErrorReply),
+}
+
+/// The error half of a reply: an errno (Linux numbering, 0 if not an OS error) and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        Self {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.errno != 0 {
+            write!(f, "{} (errno {})", self.message, self.errno)
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+/// Why a line could not be turned into a message.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("line of {0} bytes exceeds the {MAX_LINE_BYTES}-byte limit")]
+    TooLong(usize),
+    #[error("line is not valid UTF-8")]
+    NotUtf8,
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Parses one line (with or without its trailing newline) into `T`.
+pub fn decode_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, WireError> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(WireError::TooLong(line.len()));
+    }
+    let text = std::str::from_utf8(line).map_err(|_| WireError::NotUtf8)?;
+    Ok(serde_json::from_str(text.trim_end_matches(['\n', '\r']))?)
+}
+
+/// Serialises `value` as one line, newline included.
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain data types cannot fail (no maps with non-string keys,
+    // no custom Serialize impls that error).
+    let mut line = serde_json::to_vec(value).unwrap_or_else(|e| {
+        format!("{{\"encode_error\":\"{e}\"}}").into_bytes()
+    });
+    line.push(b'\n');
+    line
+}
+
+/// Reads the `id` of a request line that failed to parse as a whole, so the error reply
+/// can still be matched by the caller.
+pub fn salvage_id(line: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+    decode_line::<IdOnly>(line).map(|m| m.id).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "op", rename_all = "snake_case")]
+    enum Op {
+        Ping,
+        Add { a: u32, b: u32 },
+    }
+
+    #[test]
+    fn request_round_trips_with_flattened_op() {
+        let req = Request { id: 7, op: Op::Add { a: 1, b: 2 } };
+        let line = encode_line(&req);
+        assert_eq!(line, b"{\"id\":7,\"op\":\"add\",\"a\":1,\"b\":2}\n");
+        let back: Request<Op> = decode_line(&line).expect("decodes");
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn error_reply_carries_errno() {
+        let reply: Reply<u32> = Reply { id: 3, outcome: Outcome::Err(ErrorReply::new(22, "bad")) };
+        let line = encode_line(&reply);
+        let back: Reply<u32> = decode_line(&line).expect("decodes");
+        assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn malformed_lines_are_errors_not_panics() {
+        for bad in [&b"{"[..], b"\xff\xfe", b"{\"id\":1,\"op\":\"nope\"}", b"", b"[]"] {
+            assert!(decode_line::<Request<Op>>(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(salvage_id(b"{\"id\":9,\"op\":\"nope\"}"), 9);
+        assert_eq!(salvage_id(b"garbage"), 0);
+    }
+
+    #[test]
+    fn overlong_line_is_rejected_before_parsing() {
+        let line = vec![b' '; MAX_LINE_BYTES + 1];
+        assert!(matches!(decode_line::<Op>(&line), Err(WireError::TooLong(_))));
+    }
+}

@@ -1,0 +1,137 @@
+//! A JSON-lines RPC client over a unix socket with a timeout on every call, shared by the
+//! agent's and the device's control channels.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Serialize};
+
+use p2prig_protocol::wire::{self, ErrorReply, Outcome, Reply, Request};
+
+use crate::process::check_interrupted;
+
+/// Poll period of blocking reads, so Ctrl-C and deadlines are noticed promptly.
+const POLL: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+pub struct LineClient {
+    peer: String,
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    partial: Vec<u8>,
+    next_id: u64,
+    transcript: Option<File>,
+}
+
+impl LineClient {
+    /// Connects to `path`, retrying until `timeout` while the socket does not exist yet.
+    pub fn connect(peer: &str, path: &Path, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    check_interrupted()?;
+                    std::thread::sleep(POLL);
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("connecting to {peer} at {}", path.display()))
+                }
+            }
+        };
+        stream.set_read_timeout(Some(POLL))?;
+        Ok(Self {
+            peer: peer.to_string(),
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            partial: Vec::new(),
+            next_id: 1,
+            transcript: None,
+        })
+    }
+
+    /// Appends every line sent and received to `path`.
+    pub fn record_to(&mut self, path: &Path) -> Result<()> {
+        self.transcript = Some(File::create(path)?);
+        Ok(())
+    }
+
+    /// Reads the next complete line before `deadline`; `on_wait` runs on every poll tick and
+    /// may abort the wait (e.g. when QEMU died).
+    pub fn read_line(&mut self, deadline: Instant, on_wait: &mut dyn FnMut() -> Result<()>) -> Result<Vec<u8>> {
+        loop {
+            match self.reader.read_until(b'\n', &mut self.partial) {
+                Ok(0) => bail!("{} closed the connection", self.peer),
+                Ok(_) if self.partial.ends_with(b"\n") => {
+                    let line = std::mem::take(&mut self.partial);
+                    self.log("<-", &line);
+                    return Ok(line);
+                }
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e).with_context(|| format!("reading from {}", self.peer)),
+            }
+            if self.partial.len() > wire::MAX_LINE_BYTES {
+                bail!("{} sent a line longer than {} bytes", self.peer, wire::MAX_LINE_BYTES);
+            }
+            check_interrupted()?;
+            on_wait()?;
+            if Instant::now() >= deadline {
+                bail!("timed out waiting for {}", self.peer);
+            }
+        }
+    }
+
+    /// Sends `op` and waits for the reply with the same id. The outer error is a transport
+    /// failure or timeout; the inner one is the peer's error reply (with errno).
+    pub fn call<Op: Serialize, T: DeserializeOwned>(
+        &mut self,
+        op: Op,
+        timeout: Duration,
+    ) -> Result<std::result::Result<T, ErrorReply>> {
+        self.call_while(op, timeout, &mut || Ok(()))
+    }
+
+    pub fn call_while<Op: Serialize, T: DeserializeOwned>(
+        &mut self,
+        op: Op,
+        timeout: Duration,
+        on_wait: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<std::result::Result<T, ErrorReply>> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = wire::encode_line(&Request { id, op });
+        self.log("->", &line);
+        self.writer
+            .write_all(&line)
+            .with_context(|| format!("sending a request to {}", self.peer))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self
+                .read_line(deadline, on_wait)
+                .with_context(|| format!("waiting {timeout:?} for the reply to request {id}"))?;
+            let reply: Reply<T> = match wire::decode_line(&line) {
+                Ok(r) => r,
+                Err(e) => bail!("{} sent a reply p2prig cannot parse ({e}): {}", self.peer, String::from_utf8_lossy(&line).trim_end()),
+            };
+            if reply.id != id {
+                continue; // a late reply to an earlier request that timed out
+            }
+            return Ok(match reply.outcome {
+                Outcome::Ok(value) => Ok(value),
+                Outcome::Err(e) => Err(e),
+            });
+        }
+    }
+
+    fn log(&mut self, dir: &str, line: &[u8]) {
+        if let Some(f) = &mut self.transcript {
+            let _ = write!(f, "{dir} {}", String::from_utf8_lossy(line));
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! One rig = one VM boot: nvme-cmb, then QEMU with the device behind a PCIe switch and the
+//! agent's virtio-serial port, then the agent's ready banner.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use p2prig_protocol::agent::{AgentOp, AgentReply, READY_BANNER};
+use p2prig_protocol::device::{DeviceOp, DeviceReply};
+use p2prig_protocol::wire::ErrorReply;
+
+use crate::client::LineClient;
+use crate::console;
+use crate::process::{ChildGuard, Group};
+
+/// How QEMU executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything a boot needs.
+#[derive(Debug, Clone)]
+pub struct RigConfig {
+    pub qemu: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub nvme_cmb: PathBuf,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub boot_timeout: Duration,
+    pub extra_cmdline: String,
+}
+
+/// Paths inside a run directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates target/p2prig/runs/<id>/ with mode 0700 (sockets live there).
+    pub fn create(label: &str) -> Result<Self> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let path = crate::paths::output_root()
+            .join("runs")
+            .join(format!("{stamp}-{}-{label}", std::process::id()));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating the run directory {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+/// A booted guest with its device. Dropping it stops QEMU first, then the device.
+#[derive(Debug)]
+pub struct Rig {
+    pub agent: LineClient,
+    pub device: LineClient,
+    qemu: ChildGuard,
+    _nvme: ChildGuard,
+    pub boot_time: Duration,
+    console: PathBuf,
+}
+
+/// The guest's PCIe topology: root port -> switch upstream -> two downstream ports, so the
+/// NVMe function and the NIC share a switch and pci_p2pdma finds a path (q35's host bridge
+/// is not on its whitelist).
+pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
+    let mem = cfg.memory_mib;
+    let cpu = match cfg.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let mut cmdline = String::from("console=ttyS0 panic=-1 vfio.enable_unsafe_noiommu_mode=1 rdinit=/init");
+    if !cfg.extra_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&cfg.extra_cmdline);
+    }
+    let vfio_user = format!(
+        r#"{{"driver":"vfio-user-pci","id":"nvme0","bus":"dp0","addr":"0","socket":{{"path":"{}","type":"unix"}}}}"#,
+        run.file("nvme-cmb.sock").display()
+    );
+    let mut args: Vec<String> = [
+        "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "-machine".into(),
+        format!("q35,accel={},memory-backend=mem", cfg.accel.name()),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        "2".into(),
+        "-m".into(),
+        format!("{mem}M"),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-bios".into(),
+        "/usr/share/qemu/qboot.rom".into(),
+        "-L".into(),
+        "/usr/share/seabios".into(),
+        "-L".into(),
+        "/usr/share/qemu".into(),
+        "-kernel".into(),
+        cfg.bzimage.display().to_string(),
+        "-append".into(),
+        cmdline,
+        "-chardev".into(),
+        format!("file,id=console,path={}", run.file("console.log").display()),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-device".into(),
+        "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1".into(),
+        "-device".into(),
+        "x3130-upstream,id=sw0,bus=rp0".into(),
+        "-device".into(),
+        "xio3130-downstream,id=dp0,bus=sw0,chassis=2,slot=0".into(),
+        "-device".into(),
+        "xio3130-downstream,id=dp1,bus=sw0,chassis=3,slot=0".into(),
+        "-device".into(),
+        vfio_user,
+        "-device".into(),
+        "virtio-serial-pci,id=vser0,bus=pcie.0".into(),
+        "-chardev".into(),
+        format!("socket,id=agent,path={},server=on,wait=off", run.file("agent.sock").display()),
+        "-device".into(),
+        "virtserialport,bus=vser0.0,chardev=agent,name=p2prig.agent".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", run.file("qmp.sock").display()),
+    ]);
+    if let Some(initrd) = &cfg.initramfs {
+        args.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    args
+}
+
+impl Rig {
+    pub fn boot(cfg: &RigConfig, run: &RunDir) -> Result<Self> {
+        let mut nvme_cmd = Command::new(&cfg.nvme_cmb);
+        nvme_cmd
+            .arg("--socket")
+            .arg(run.file("nvme-cmb.sock"))
+            .arg("--control")
+            .arg(run.file("nvme-cmb.control.sock"))
+            .arg("--trace")
+            .arg(run.file("nvme-cmb.trace.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(run.file("nvme-cmb.log"))?)
+            .stderr(fs::File::create(run.file("nvme-cmb.log"))?);
+        let mut nvme = ChildGuard::spawn("nvme-cmb", nvme_cmd, Group::Harness)?;
+        wait_for_paths(
+            &mut nvme,
+            &[run.file("nvme-cmb.sock"), run.file("nvme-cmb.control.sock")],
+            Duration::from_secs(10),
+            &run.file("nvme-cmb.log"),
+        )?;
+        let device = LineClient::connect("nvme-cmb control", &run.file("nvme-cmb.control.sock"), Duration::from_secs(5))?;
+
+        let args = qemu_args(cfg, run);
+        let printable = std::iter::once(cfg.qemu.display().to_string())
+            .chain(args.iter().map(|a| shell_quote(a)))
+            .collect::<Vec<_>>()
+            .join(" \\\n  ");
+        fs::write(run.file("qemu.cmdline"), format!("{printable}\n"))?;
+        let mut qemu_cmd = Command::new(&cfg.qemu);
+        qemu_cmd
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(run.file("qemu.log"))?)
+            .stderr(fs::File::create(run.file("qemu.stderr.log"))?);
+        let started = Instant::now();
+        let mut qemu = ChildGuard::spawn("qemu", qemu_cmd, Group::Harness)?;
+        fs::write(run.file("pids"), format!("nvme-cmb {}\nqemu {}\n", nvme.pid(), qemu.pid()))?;
+
+        let console_path = run.file("console.log");
+        let deadline = started + cfg.boot_timeout;
+        let watch = |qemu: &mut ChildGuard| -> Result<()> {
+            if let Some(status) = qemu.try_status() {
+                bail!(
+                    "QEMU exited during boot ({status}); its stderr:\n{}\nconsole tail:\n{}",
+                    crate::recipe::tail_lines(&run.file("qemu.stderr.log"), 15),
+                    crate::recipe::tail_lines(&console_path, 20)
+                );
+            }
+            if let Some(excerpt) = console::fatal_excerpt(&console_path) {
+                bail!("the guest kernel crashed during boot:\n{excerpt}");
+            }
+            Ok(())
+        };
+        let mut agent = loop {
+            watch(&mut qemu)?;
+            match LineClient::connect("guest agent", &run.file("agent.sock"), Duration::from_millis(200)) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => continue,
+                Err(e) => return Err(e.context("QEMU never opened the agent socket")),
+            }
+        };
+        agent.record_to(&run.file("agent.transcript"))?;
+        loop {
+            let line = agent
+                .read_line(deadline, &mut || watch(&mut qemu))
+                .map_err(|e| {
+                    anyhow!(
+                        "{e:#}\nthe guest agent did not become ready within {:?}; console tail:\n{}",
+                        cfg.boot_timeout,
+                        crate::recipe::tail_lines(&console_path, 25)
+                    )
+                })?;
+            if String::from_utf8_lossy(&line).trim() == READY_BANNER {
+                break;
+            }
+        }
+        Ok(Self {
+            agent,
+            device,
+            qemu,
+            _nvme: nvme,
+            boot_time: started.elapsed(),
+            console: console_path,
+        })
+    }
+
+    /// An agent RPC with a timeout; QEMU dying or the guest crashing aborts the wait.
+    pub fn agent_call(&mut self, op: AgentOp, timeout: Duration) -> Result<std::result::Result<AgentReply, ErrorReply>> {
+        let console = self.console.clone();
+        let qemu = &mut self.qemu;
+        let desc = format!("{op:?}");
+        self.agent
+            .call_while(op, timeout, &mut || {
+                if let Some(status) = qemu.try_status() {
+                    bail!("QEMU exited ({status})");
+                }
+                if let Some(excerpt) = console::fatal_excerpt(&console) {
+                    bail!("the guest kernel crashed:\n{excerpt}");
+                }
+                Ok(())
+            })
+            .with_context(|| format!("agent request {desc}"))
+    }
+
+    pub fn device_call(&mut self, op: DeviceOp) -> Result<DeviceReply> {
+        let desc = format!("{op:?}");
+        self.device
+            .call(op, Duration::from_secs(10))?
+            .map_err(|e| anyhow!("nvme-cmb refused {desc}: {e}"))
+    }
+
+    pub fn console_path(&self) -> &Path {
+        &self.console
+    }
+
+    /// Powers the guest off through the agent, then stops everything.
+    pub fn shutdown(mut self) -> Result<()> {
+        let _ = self.agent_call(AgentOp::PowerOff, Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.qemu.try_status().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+fn wait_for_paths(child: &mut ChildGuard, paths: &[PathBuf], timeout: Duration, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !paths.iter().all(|p| p.exists()) {
+        crate::process::check_interrupted()?;
+        if let Some(status) = child.try_status() {
+            bail!("{} exited at start ({status}); its log:\n{}", child.name(), crate::recipe::tail_lines(log, 15));
+        }
+        if Instant::now() >= deadline {
+            bail!("{} did not create its sockets within {timeout:?}; its log:\n{}", child.name(), crate::recipe::tail_lines(log, 15));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn shell_quote(arg: &str) -> String {
+    if arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c)) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(accel: Accel) -> RigConfig {
+        RigConfig {
+            qemu: "/q".into(),
+            bzimage: "/k/bzImage".into(),
+            initramfs: Some("/i/initramfs.cpio.gz".into()),
+            nvme_cmb: "/n".into(),
+            accel,
+            memory_mib: 512,
+            boot_timeout: Duration::from_secs(1),
+            extra_cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn device_sits_behind_a_switch_downstream_port_with_shared_memfd_ram() {
+        let run = RunDir { path: "/r".into() };
+        let args = qemu_args(&cfg(Accel::Tcg), &run);
+        let joined = args.join(" ");
+        assert!(joined.contains("q35,accel=tcg,memory-backend=mem"));
+        assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert!(joined.contains("x3130-upstream,id=sw0,bus=rp0"));
+        assert!(joined.contains(r#""bus":"dp0""#));
+        assert!(joined.contains(r#""path":"/r/nvme-cmb.sock""#));
+        assert!(joined.contains("-bios /usr/share/qemu/qboot.rom"));
+        assert!(joined.contains("name=p2prig.agent"));
+        assert!(joined.contains("vfio.enable_unsafe_noiommu_mode=1"));
+        assert!(joined.contains("-initrd /i/initramfs.cpio.gz"));
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let run = RunDir { path: "/r".into() };
+        let args = qemu_args(&cfg(Accel::Kvm), &run);
+        let pos = args.iter().position(|a| a == "-cpu").expect("-cpu present");
+        assert_eq!(args[pos + 1], "host");
+    }
+
+    #[test]
+    fn shell_quoting_keeps_json_readable() {
+        assert_eq!(shell_quote("-m"), "-m");
+        assert_eq!(shell_quote(r#"{"a":"b"}"#), r#"'{"a":"b"}'"#);
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
