@@ -57,8 +57,11 @@ fetch_upstream() {
 }
 
 src=$work/src
-if [ ! -f "$src/.p2prig-unpacked" ]; then
-  rm -rf "$src"; mkdir -p "$src"
+# The stamp names the source the tree came from; another source means a fresh tree and build.
+want=${QEMU_TARBALL:+tarball:$(sha256sum "$QEMU_TARBALL" | cut -d' ' -f1)}
+want=${want:-pinned:$deb_orig_sha}
+if [ "$(cat "$src/.p2prig-unpacked" 2>/dev/null)" != "$want" ]; then
+  rm -rf "$src" "$work/build"; mkdir -p "$src"
   if [ -n "${QEMU_TARBALL:-}" ]; then
     step "unpacking $QEMU_TARBALL"
     tar -xf "$QEMU_TARBALL" -C "$src" --strip-components=1
@@ -78,7 +81,7 @@ if [ ! -f "$src/.p2prig-unpacked" ]; then
     echo "qemu: download a qemu-$version tarball yourself and run with QEMU_TARBALL=/path/to/it" >&2
     exit 1
   fi
-  touch "$src/.p2prig-unpacked"
+  echo "$want" >"$src/.p2prig-unpacked"
 fi
 
 venv=$work/venv
