@@ -1,0 +1,120 @@
+//! The OS effects the dispatcher needs, behind two small traits, so the dispatcher and the RPC
+//! loop are tested on the host with fakes; [`LinuxPlatform`] is the real thing in the guest.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::{AgentError, Result};
+use crate::sysfs::SystemPaths;
+use crate::vfio::{DmabufRequest, RegionInfo, VfioDevice};
+
+/// Machine-wide operations.
+pub trait Platform: Send + Sync {
+    fn kernel_release(&self) -> Result<String>;
+    fn find_pci(&self, class: u32) -> Result<Vec<String>>;
+    fn vfio_bind(&self, bdf: &str) -> Result<()>;
+    fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>>;
+    fn dmesg(&self) -> Result<String>;
+    /// Syncs and powers off; returns only when that is impossible (then the caller goes on).
+    fn power_off(&self);
+}
+
+/// One open VFIO device. Bounds, widths and alignment are checked by the caller against
+/// [`Device::region_info`]; implementations only perform the access.
+pub trait Device: Send + Sync + std::fmt::Debug {
+    fn region_info(&self, index: u32) -> Result<RegionInfo>;
+    fn bar_read(&self, region: &RegionInfo, offset: u64, width: u8) -> Result<u64>;
+    fn bar_write(&self, region: &RegionInfo, offset: u64, width: u8, value: u64) -> Result<()>;
+    /// pread/pwrite on the device fd inside a region (used for config space).
+    fn region_read(&self, region: &RegionInfo, offset: u64, width: u8) -> Result<u64>;
+    fn region_write(&self, region: &RegionInfo, offset: u64, width: u8, value: u64) -> Result<()>;
+    fn reset(&self) -> Result<()>;
+    /// VFIO_DEVICE_FEATURE GET dma-buf; the returned fd is the dma-buf.
+    fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd>;
+}
+
+impl Device for VfioDevice {
+    fn region_info(&self, index: u32) -> Result<RegionInfo> {
+        VfioDevice::region_info(self, index)
+    }
+    fn bar_read(&self, region: &RegionInfo, offset: u64, width: u8) -> Result<u64> {
+        VfioDevice::bar_read(self, region, offset, width)
+    }
+    fn bar_write(&self, region: &RegionInfo, offset: u64, width: u8, value: u64) -> Result<()> {
+        VfioDevice::bar_write(self, region, offset, width, value)
+    }
+    fn region_read(&self, region: &RegionInfo, offset: u64, width: u8) -> Result<u64> {
+        VfioDevice::region_read(self, region, offset, width)
+    }
+    fn region_write(&self, region: &RegionInfo, offset: u64, width: u8, value: u64) -> Result<()> {
+        VfioDevice::region_write(self, region, offset, width, value)
+    }
+    fn reset(&self) -> Result<()> {
+        VfioDevice::reset(self)
+    }
+    fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd> {
+        VfioDevice::export_dmabuf(self, request)
+    }
+}
+
+/// The guest (or, for debugging, any Linux host).
+#[derive(Debug, Clone)]
+pub struct LinuxPlatform {
+    pub paths: SystemPaths,
+    /// PID 1 powers the machine off; any other process just exits.
+    pub is_init: bool,
+}
+
+impl LinuxPlatform {
+    fn kmsg_path(&self) -> PathBuf {
+        self.paths.dev.join("kmsg")
+    }
+}
+
+/// The release field of uname(2), e.g. "6.1.192-p2prig-v1".
+pub fn kernel_release() -> Result<String> {
+    // SAFETY: utsname is plain bytes; zeroed is a valid initial value that uname overwrites.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes into the struct we own.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return Err(AgentError::last_os("uname"));
+    }
+    let bytes: Vec<u8> = name
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+impl Platform for LinuxPlatform {
+    fn kernel_release(&self) -> Result<String> {
+        kernel_release()
+    }
+
+    fn find_pci(&self, class: u32) -> Result<Vec<String>> {
+        self.paths.find_pci(class)
+    }
+
+    fn vfio_bind(&self, bdf: &str) -> Result<()> {
+        self.paths.bind_vfio(bdf)
+    }
+
+    fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {
+        let group = self.paths.iommu_group(bdf)?;
+        let (group_path, noiommu) = self.paths.vfio_group_device(group)?;
+        let device =
+            VfioDevice::open(bdf, &group_path, noiommu, &self.paths.dev.join("vfio/vfio"))?;
+        Ok(Arc::new(device))
+    }
+
+    fn dmesg(&self) -> Result<String> {
+        crate::kmsg::read_log(&self.kmsg_path())
+    }
+
+    fn power_off(&self) {
+        crate::pid1::power_off(self.is_init);
+    }
+}
