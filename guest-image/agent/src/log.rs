@@ -12,7 +12,12 @@ static SINK: Mutex<Option<File>> = Mutex::new(None);
 
 /// Sends later log lines to `path` (a console device); stays on stderr if it cannot be opened.
 pub fn use_console(path: &str) -> std::io::Result<()> {
-    let console = std::fs::OpenOptions::new().write(true).open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NOCTTY: the console must not become init's controlling terminal.
+    let console = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)?;
     let mut sink = SINK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     *sink = Some(console);
     Ok(())
