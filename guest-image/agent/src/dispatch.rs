@@ -127,6 +127,10 @@ pub fn describe(op: &AgentOp) -> String {
             "config_write device {device} offset {offset:#x} width {width} value {value:#x}"
         ),
         AgentOp::VfioReset { device } => format!("vfio_reset device {device}"),
+        AgentOp::VfioHotReset { device } => format!("vfio_hot_reset device {device}"),
+        AgentOp::VfioRegion { device, index } => {
+            format!("vfio_region device {device} index {index}")
+        }
         AgentOp::Sleep { ms } => format!("sleep {ms} ms"),
         AgentOp::Dmesg => "dmesg".into(),
         AgentOp::PowerOff => "power_off".into(),
@@ -150,6 +154,7 @@ pub fn is_chatty(op: &AgentOp) -> bool {
             | AgentOp::ConfigRead { .. }
             | AgentOp::ConfigWrite { .. }
             | AgentOp::Sleep { .. }
+            | AgentOp::VfioRegion { .. }
             | AgentOp::Hello
             | AgentOp::Dmesg
     )
@@ -368,6 +373,18 @@ impl<P: Platform> Agent<P> {
                 self.device(*device)?.reset()?;
                 Ok(AgentReply::Done)
             }
+            AgentOp::VfioHotReset { device } => Ok(AgentReply::Pci {
+                functions: self.device(*device)?.hot_reset()?,
+            }),
+            AgentOp::VfioRegion { device, index } => {
+                let region = self.device(*device)?.region_info(*index)?;
+                Ok(AgentReply::Region {
+                    index: region.index,
+                    flags: region.flags,
+                    size: region.size,
+                    offset: region.offset,
+                })
+            }
             AgentOp::Sleep { ms } => {
                 if *ms > MAX_SLEEP_MS {
                     return Err(AgentError::Invalid(format!(
@@ -518,6 +535,10 @@ pub(crate) mod fake {
         fn reset(&self) -> Result<()> {
             *lock(&self.resets) += 1;
             Ok(())
+        }
+        fn hot_reset(&self) -> Result<Vec<String>> {
+            *lock(&self.resets) += 1;
+            Ok(vec!["0000:02:00.0".into()])
         }
         fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd> {
             lock(&self.exports).push(*request);
@@ -895,6 +916,26 @@ mod tests {
         );
         ok(&agent, AgentOp::VfioReset { device });
         assert_eq!(*lock(&fake.resets), 1);
+        assert_eq!(
+            ok(&agent, AgentOp::VfioHotReset { device }),
+            AgentReply::Pci {
+                functions: vec![BDF.into()]
+            }
+        );
+        assert_eq!(*lock(&fake.resets), 2);
+        assert_eq!(
+            ok(&agent, AgentOp::VfioRegion { device, index: 2 }),
+            AgentReply::Region {
+                index: 2,
+                flags: 7,
+                size: 1 << 20,
+                offset: 2 << 40
+            }
+        );
+        assert_eq!(
+            err(&agent, AgentOp::VfioRegion { device, index: 9 }).errno,
+            libc::EINVAL
+        );
     }
 
     #[test]

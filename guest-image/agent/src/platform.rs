@@ -30,6 +30,8 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn region_read(&self, region: &RegionInfo, offset: u64, width: u8) -> Result<u64>;
     fn region_write(&self, region: &RegionInfo, offset: u64, width: u8, value: u64) -> Result<()>;
     fn reset(&self) -> Result<()>;
+    /// Secondary bus reset; returns the functions reset.
+    fn hot_reset(&self) -> Result<Vec<String>>;
     /// VFIO_DEVICE_FEATURE GET dma-buf; the returned fd is the dma-buf.
     fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd>;
 }
@@ -52,6 +54,9 @@ impl Device for VfioDevice {
     }
     fn reset(&self) -> Result<()> {
         VfioDevice::reset(self)
+    }
+    fn hot_reset(&self) -> Result<Vec<String>> {
+        VfioDevice::hot_reset(self)
     }
     fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd> {
         VfioDevice::export_dmabuf(self, request)
@@ -105,8 +110,13 @@ impl Platform for LinuxPlatform {
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {
         let group = self.paths.iommu_group(bdf)?;
         let (group_path, noiommu) = self.paths.vfio_group_device(group)?;
-        let device =
-            VfioDevice::open(bdf, &group_path, noiommu, &self.paths.dev.join("vfio/vfio"))?;
+        let device = VfioDevice::open(
+            bdf,
+            group,
+            &group_path,
+            noiommu,
+            &self.paths.dev.join("vfio/vfio"),
+        )?;
         Ok(Arc::new(device))
     }
 

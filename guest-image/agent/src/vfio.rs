@@ -17,7 +17,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_NOIOMMU_IOMMU, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vmm_sys_util::ioctl::{
-    ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val,
+    ioctl, ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val,
 };
 use vmm_sys_util::ioctl_io_nr;
 
@@ -34,6 +34,12 @@ ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE, VFIO_BASE + 4);
 ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE, VFIO_BASE + 6);
 ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE, VFIO_BASE + 8);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE, VFIO_BASE + 11);
+ioctl_io_nr!(
+    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+    VFIO_TYPE,
+    VFIO_BASE + 12
+);
+ioctl_io_nr!(VFIO_DEVICE_PCI_HOT_RESET, VFIO_TYPE, VFIO_BASE + 13);
 ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE, VFIO_BASE + 17);
 
 /// The seed series' feature number in our 6.1 port (the posting's 3 collides with 6.1's
@@ -140,6 +146,15 @@ impl UpstreamFeature {
     }
 }
 
+/// The PCI address in the second word of a `struct vfio_pci_dependent_device`
+/// ({u16 segment; u8 bus; u8 devfn} read as one little-endian u32).
+pub fn dependent_bdf(location: u32) -> String {
+    let segment = location & 0xffff;
+    let bus = (location >> 16) & 0xff;
+    let devfn = location >> 24;
+    format!("{segment:04x}:{bus:02x}:{:02x}.{}", devfn >> 3, devfn & 7)
+}
+
 /// What VFIO_DEVICE_GET_REGION_INFO says about a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionInfo {
@@ -188,7 +203,8 @@ pub struct VfioDevice {
     // device, the group and the container, the reverse of opening.
     mappings: Mutex<Vec<Option<Arc<BarMapping>>>>,
     device: File,
-    _group: File,
+    group: File,
+    group_id: u32,
     _container: Option<File>,
 }
 
@@ -205,6 +221,7 @@ impl VfioDevice {
     /// none yet, then get the device fd.
     pub fn open(
         bdf: &str,
+        group_id: u32,
         group_path: &Path,
         noiommu: bool,
         container_path: &Path,
@@ -293,7 +310,8 @@ impl VfioDevice {
             bdf: bdf.to_owned(),
             mappings: Mutex::new(vec![None; VFIO_PCI_NUM_REGIONS as usize]),
             device,
-            _group: group,
+            group,
+            group_id,
             _container: container,
         })
     }
@@ -471,6 +489,69 @@ impl VfioDevice {
         Ok(())
     }
 
+    /// The functions a hot reset of this device would reset, from
+    /// VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: (group id, "ssss:bb:dd.f").
+    pub fn hot_reset_dependents(&self) -> Result<Vec<(u32, String)>> {
+        // struct vfio_pci_hot_reset_info {u32 argsz, flags, count; struct
+        // vfio_pci_dependent_device {u32 group_id; u16 segment; u8 bus, devfn;} devices[];}
+        // as u32 words: the header, then two words per device.
+        let mut count = 0usize;
+        loop {
+            let mut words = vec![0u32; 3 + 2 * count];
+            words[0] = (words.len() * 4) as u32;
+            // SAFETY: the kernel writes at most argsz bytes, the size of `words`.
+            let ret = unsafe {
+                ioctl_with_mut_ptr(
+                    &self.device,
+                    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(),
+                    words.as_mut_ptr(),
+                )
+            };
+            let needed = words[2] as usize;
+            if ret < 0 {
+                let error = std::io::Error::last_os_error();
+                // ENOSPC: too small, `count` now says how many devices there are.
+                if error.raw_os_error() == Some(libc::ENOSPC) && needed > count {
+                    count = needed;
+                    continue;
+                }
+                return Err(AgentError::os(
+                    format!("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO {}", self.bdf),
+                    error,
+                ));
+            }
+            return Ok(words[3..3 + 2 * needed.min(count)]
+                .chunks_exact(2)
+                .map(|device| (device[0], dependent_bdf(device[1])))
+                .collect());
+        }
+    }
+
+    /// VFIO_DEVICE_PCI_HOT_RESET with this device's group, the only one the agent can prove
+    /// ownership of; returns the functions reset. The kernel refuses (EINVAL) if the reset
+    /// would reach groups not passed in, and the error lists them.
+    pub fn hot_reset(&self) -> Result<Vec<String>> {
+        let dependents = self.hot_reset_dependents()?;
+        // struct vfio_pci_hot_reset {u32 argsz, flags, count; s32 group_fds[];}
+        let words: [u32; 4] = [16, 0, 1, self.group.as_raw_fd() as u32];
+        // SAFETY: the kernel reads argsz (16) bytes of `words`.
+        let ret =
+            unsafe { ioctl_with_ptr(&self.device, VFIO_DEVICE_PCI_HOT_RESET(), words.as_ptr()) };
+        if ret < 0 {
+            let listed: Vec<String> = dependents
+                .iter()
+                .map(|(group, bdf)| format!("{bdf} (group {group})"))
+                .collect();
+            return Err(AgentError::last_os(format!(
+                "VFIO_DEVICE_PCI_HOT_RESET {} with group {} only; the reset covers {}",
+                self.bdf,
+                self.group_id,
+                listed.join(", ")
+            )));
+        }
+        Ok(dependents.into_iter().map(|(_, bdf)| bdf).collect())
+    }
+
     /// VFIO_DEVICE_FEATURE GET of a dma-buf; the kernel returns the new dma-buf fd.
     pub fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd> {
         let fd = match *request {
@@ -551,6 +632,14 @@ mod tests {
     }
 
     #[test]
+    fn dependent_device_locations_read_as_pci_addresses() {
+        // segment 0, bus 2, device 0 function 1 (devfn 0x01)
+        assert_eq!(dependent_bdf(0x0102_0000), "0000:02:00.1");
+        // segment 0x10, bus 0xff, device 0x1f function 7 (devfn 0xff)
+        assert_eq!(dependent_bdf(0xffff_0010), "0010:ff:1f.7");
+    }
+
+    #[test]
     fn ioctl_numbers_match_the_uapi_header() {
         // _IO(';', 100 + n) = (0x3b << 8) | (100 + n)
         assert_eq!(VFIO_GET_API_VERSION(), 0x3b64);
@@ -560,6 +649,8 @@ mod tests {
         assert_eq!(VFIO_GROUP_GET_DEVICE_FD(), 0x3b6a);
         assert_eq!(VFIO_DEVICE_GET_REGION_INFO(), 0x3b6c);
         assert_eq!(VFIO_DEVICE_RESET(), 0x3b6f);
+        assert_eq!(VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(), 0x3b70);
+        assert_eq!(VFIO_DEVICE_PCI_HOT_RESET(), 0x3b71);
         assert_eq!(VFIO_DEVICE_FEATURE(), 0x3b75);
     }
 }

@@ -65,6 +65,12 @@ pub enum AgentOp {
     },
     /// VFIO_DEVICE_RESET on an open device (FLR or whatever reset vfio-pci picks).
     VfioReset { device: u32 },
+    /// VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset) of an open device, passing the group of
+    /// that device; answers `pci` with the functions the kernel said the reset affects.
+    VfioHotReset { device: u32 },
+    /// VFIO_DEVICE_GET_REGION_INFO of region `index` (0-5 BARs, 6 ROM, 7 config); answers
+    /// `region`. Lets a scenario size its arguments from what the kernel sees.
+    VfioRegion { device: u32, index: u32 },
     /// Sleep on the agent side, then answer `done`; lets tests hold a request in flight.
     Sleep { ms: u64 },
     /// The kernel log since boot.
@@ -91,6 +97,14 @@ pub enum AgentReply {
     },
     Value { value: u64 },
     Text { text: String },
+    /// A VFIO region: VFIO_REGION_INFO_FLAG_* bits (1 read, 2 write, 4 mmap, 8 caps), its size
+    /// and its offset in the device fd.
+    Region {
+        index: u32,
+        flags: u32,
+        size: u64,
+        offset: u64,
+    },
 }
 
 /// The line the agent writes on the port once it is ready to serve requests.
