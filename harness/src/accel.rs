@@ -50,14 +50,28 @@ pub fn resolve(choice: AccelChoice, cache: &Cache, qemu: &Path, bzimage: &Path) 
             if let Ok(text) = std::fs::read_to_string(&record_path) {
                 if let Ok(rec) = serde_json::from_str::<ProbeRecord>(&text) {
                     if rec.host_kernel == host_kernel && rec.qemu == qemu_id {
-                        return Ok(if rec.kvm_works { Accel::Kvm } else { Accel::Tcg });
+                        return Ok(if rec.kvm_works {
+                            Accel::Kvm
+                        } else {
+                            Accel::Tcg
+                        });
                     }
                 }
             }
-            eprintln!("probing whether KVM guests run on this host (once; up to {PROBE_TIMEOUT:?})");
+            eprintln!(
+                "probing whether KVM guests run on this host (once; up to {PROBE_TIMEOUT:?})"
+            );
             let (kvm_works, detail) = probe_kvm(qemu, bzimage)?;
-            eprintln!("KVM probe: {detail}; using {}", if kvm_works { "kvm" } else { "tcg" });
-            let rec = ProbeRecord { host_kernel, qemu: qemu_id, kvm_works, detail };
+            eprintln!(
+                "KVM probe: {detail}; using {}",
+                if kvm_works { "kvm" } else { "tcg" }
+            );
+            let rec = ProbeRecord {
+                host_kernel,
+                qemu: qemu_id,
+                kvm_works,
+                detail,
+            };
             std::fs::write(&record_path, serde_json::to_string_pretty(&rec)?)?;
             Ok(if kvm_works { Accel::Kvm } else { Accel::Tcg })
         }
@@ -65,7 +79,11 @@ pub fn resolve(choice: AccelChoice, cache: &Cache, qemu: &Path, bzimage: &Path) 
 }
 
 fn kvm_device_usable() -> bool {
-    OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 fn host_kernel_release() -> String {
@@ -77,30 +95,56 @@ fn host_kernel_release() -> String {
 /// Boots the kernel with no initramfs under KVM: a working KVM prints the kernel banner
 /// within a second or two; a broken one hangs silently.
 fn probe_kvm(qemu: &Path, bzimage: &Path) -> Result<(bool, String)> {
-    let dir = tempfile::Builder::new().prefix("p2prig-kvm-probe").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("p2prig-kvm-probe")
+        .tempdir()?;
     let console = dir.path().join("console.log");
     let mut cmd = Command::new(qemu);
-    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot"])
-        .args(["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M"])
-        .args(["-bios", "/usr/share/qemu/qboot.rom", "-L", "/usr/share/seabios", "-L", "/usr/share/qemu"])
-        .arg("-kernel")
-        .arg(bzimage)
-        .args(["-append", "console=ttyS0 panic=-1"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-nic",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M"])
+    .args([
+        "-bios",
+        "/usr/share/qemu/qboot.rom",
+        "-L",
+        "/usr/share/seabios",
+        "-L",
+        "/usr/share/qemu",
+    ])
+    .arg("-kernel")
+    .arg(bzimage)
+    .args(["-append", "console=ttyS0 panic=-1"])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     let mut child = ChildGuard::spawn("qemu (kvm probe)", cmd, Group::Harness)?;
     let started = Instant::now();
     while started.elapsed() < PROBE_TIMEOUT {
         crate::process::check_interrupted()?;
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         if text.contains("Linux version") {
-            return Ok((true, format!("kernel banner after {:.1} s", started.elapsed().as_secs_f64())));
+            return Ok((
+                true,
+                format!(
+                    "kernel banner after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ),
+            ));
         }
         if let Some(status) = child.try_status() {
-            return Ok((false, format!("QEMU exited ({status}) before the kernel printed anything")));
+            return Ok((
+                false,
+                format!("QEMU exited ({status}) before the kernel printed anything"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

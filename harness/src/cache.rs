@@ -61,7 +61,11 @@ impl Cache {
             eprintln!("waiting for another p2prig holding {}", path.display());
             // SAFETY: as above, blocking variant.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+                bail!(
+                    "locking {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
             }
         }
         Ok(LockGuard { _file: file })
@@ -107,7 +111,8 @@ impl KeyBuilder {
     }
 
     pub fn file(mut self, label: &str, path: &Path) -> Result<Self> {
-        let bytes = fs::read(path).with_context(|| format!("reading {} for the cache key", path.display()))?;
+        let bytes = fs::read(path)
+            .with_context(|| format!("reading {} for the cache key", path.display()))?;
         self.feed(label, &bytes);
         Ok(self)
     }
@@ -164,7 +169,11 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Moves a finished staging directory into place; a concurrent identical build that got
@@ -179,7 +188,8 @@ pub fn publish(staging: &Path, target: &Path) -> Result<()> {
             fs::remove_dir_all(staging).ok();
             Ok(())
         }
-        Err(e) => Err(e).with_context(|| format!("publishing {} as {}", staging.display(), target.display())),
+        Err(e) => Err(e)
+            .with_context(|| format!("publishing {} as {}", staging.display(), target.display())),
     }
 }
 
@@ -193,7 +203,11 @@ mod tests {
         let b = KeyBuilder::default().text("x", "1").text("y", "3").finish();
         let c = KeyBuilder::default().text("x", "12").text("y", "").finish();
         assert_ne!(a.short(), b.short());
-        assert_ne!(a.short(), c.short(), "moving bytes between inputs must change the key");
+        assert_ne!(
+            a.short(),
+            c.short(),
+            "moving bytes between inputs must change the key"
+        );
         let again = KeyBuilder::default().text("x", "1").text("y", "2").finish();
         assert_eq!(a.short(), again.short());
     }

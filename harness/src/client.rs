@@ -40,7 +40,8 @@ impl LineClient {
                     std::thread::sleep(POLL);
                 }
                 Err(e) => {
-                    return Err(e).with_context(|| format!("connecting to {peer} at {}", path.display()))
+                    return Err(e)
+                        .with_context(|| format!("connecting to {peer} at {}", path.display()))
                 }
             }
         };
@@ -63,7 +64,11 @@ impl LineClient {
 
     /// Reads the next complete line before `deadline`; `on_wait` runs on every poll tick and
     /// may abort the wait (e.g. when QEMU died).
-    pub fn read_line(&mut self, deadline: Instant, on_wait: &mut dyn FnMut() -> Result<()>) -> Result<Vec<u8>> {
+    pub fn read_line(
+        &mut self,
+        deadline: Instant,
+        on_wait: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<u8>> {
         loop {
             match self.reader.read_until(b'\n', &mut self.partial) {
                 Ok(0) => bail!("{} closed the connection", self.peer),
@@ -73,11 +78,19 @@ impl LineClient {
                     return Ok(line);
                 }
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return Err(e).with_context(|| format!("reading from {}", self.peer)),
             }
             if self.partial.len() > wire::MAX_LINE_BYTES {
-                bail!("{} sent a line longer than {} bytes", self.peer, wire::MAX_LINE_BYTES);
+                bail!(
+                    "{} sent a line longer than {} bytes",
+                    self.peer,
+                    wire::MAX_LINE_BYTES
+                );
             }
             check_interrupted()?;
             on_wait()?;
@@ -117,7 +130,11 @@ impl LineClient {
                 .with_context(|| format!("waiting {timeout:?} for the reply to request {id}"))?;
             let reply: Reply<T> = match wire::decode_line(&line) {
                 Ok(r) => r,
-                Err(e) => bail!("{} sent a reply p2prig cannot parse ({e}): {}", self.peer, String::from_utf8_lossy(&line).trim_end()),
+                Err(e) => bail!(
+                    "{} sent a reply p2prig cannot parse ({e}): {}",
+                    self.peer,
+                    String::from_utf8_lossy(&line).trim_end()
+                ),
             };
             if reply.id != id {
                 continue; // a late reply to an earlier request that timed out

@@ -3,7 +3,12 @@
 use std::path::Path;
 
 /// Markers of a kernel crash that ends (or poisons) the boot.
-const FATAL_MARKERS: &[&str] = &["Kernel panic - not syncing", "Oops:", "BUG: unable to handle", "general protection fault"];
+const FATAL_MARKERS: &[&str] = &[
+    "Kernel panic - not syncing",
+    "Oops:",
+    "BUG: unable to handle",
+    "general protection fault",
+];
 
 /// Markers of a kernel report that fails a scenario without necessarily killing the guest.
 const REPORT_MARKERS: &[&str] = &[
@@ -31,7 +36,9 @@ pub fn report_excerpt(text: &str) -> Option<String> {
 
 fn first_marker(text: &str, markers: &[&str]) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
-    let hit = lines.iter().position(|l| markers.iter().any(|m| l.contains(m)))?;
+    let hit = lines
+        .iter()
+        .position(|l| markers.iter().any(|m| l.contains(m)))?;
     let start = hit.saturating_sub(3);
     let end = (hit + 25).min(lines.len());
     Some(lines[start..end].join("\n"))

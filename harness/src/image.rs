@@ -31,7 +31,9 @@ pub enum Entry {
 pub fn build(cache: &Cache) -> Result<Image> {
     let agent = crate::paths::workspace_binary("guest-agent")?;
     let libraries = shared_libraries(&agent)?;
-    let mut key = KeyBuilder::default().text("recipe", IMAGE_RECIPE).file("agent", &agent)?;
+    let mut key = KeyBuilder::default()
+        .text("recipe", IMAGE_RECIPE)
+        .file("agent", &agent)?;
     for lib in &libraries {
         key = key.file(&lib.display().to_string(), lib)?;
     }
@@ -42,16 +44,35 @@ pub fn build(cache: &Cache) -> Result<Image> {
         return Ok(Image { initramfs });
     }
     let mut entries = BTreeMap::new();
-    entries.insert("init".to_string(), Entry::File { mode: 0o755, contents: read(&agent)? });
+    entries.insert(
+        "init".to_string(),
+        Entry::File {
+            mode: 0o755,
+            contents: read(&agent)?,
+        },
+    );
     for lib in &libraries {
         let name = lib.to_string_lossy().trim_start_matches('/').to_string();
-        entries.insert(name, Entry::File { mode: 0o755, contents: read(lib)? });
+        entries.insert(
+            name,
+            Entry::File {
+                mode: 0o755,
+                contents: read(lib)?,
+            },
+        );
     }
     for dir in ["dev", "proc", "sys", "tmp", "run", "root"] {
         entries.insert(dir.to_string(), Entry::Dir);
     }
     // The kernel opens /dev/console for init before devtmpfs is mounted.
-    entries.insert("dev/console".to_string(), Entry::CharDevice { mode: 0o600, major: 5, minor: 1 });
+    entries.insert(
+        "dev/console".to_string(),
+        Entry::CharDevice {
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+    );
     add_parent_dirs(&mut entries);
 
     let staging = out.with_extension("partial");
@@ -80,7 +101,11 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         if text.contains("not a dynamic executable") {
             return Ok(Vec::new());
         }
-        bail!("ldd {} failed: {}", binary.display(), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "ldd {} failed: {}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     parse_ldd(&String::from_utf8_lossy(&output.stdout))
 }
@@ -113,7 +138,9 @@ fn add_parent_dirs(entries: &mut BTreeMap<String, Entry>) {
     for name in names {
         let mut path = Path::new(&name).parent();
         while let Some(dir) = path.filter(|d| !d.as_os_str().is_empty()) {
-            entries.entry(dir.to_string_lossy().into_owned()).or_insert(Entry::Dir);
+            entries
+                .entry(dir.to_string_lossy().into_owned())
+                .or_insert(Entry::Dir);
             path = dir.parent();
         }
     }
@@ -144,9 +171,30 @@ pub fn newc(entries: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn write_header(out: &mut Vec<u8>, ino: u32, mode: u32, size: u32, rdev: (u32, u32), namesize: usize) {
+fn write_header(
+    out: &mut Vec<u8>,
+    ino: u32,
+    mode: u32,
+    size: u32,
+    rdev: (u32, u32),
+    namesize: usize,
+) {
     let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
-    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize as u32, 0];
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        size,
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        namesize as u32,
+        0,
+    ];
     out.extend_from_slice(b"070701");
     for f in fields {
         out.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -161,7 +209,9 @@ fn pad4(out: &mut Vec<u8>) {
 
 fn gzip(data: &[u8]) -> Result<Vec<u8>> {
     // mtime 0 and no file name: the header carries nothing that varies between builds.
-    let mut encoder: GzEncoder<Vec<u8>> = GzBuilder::new().mtime(0).write(Vec::new(), Compression::best());
+    let mut encoder: GzEncoder<Vec<u8>> = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::best());
     encoder.write_all(data)?;
     Ok(encoder.finish()?)
 }
@@ -172,9 +222,28 @@ mod tests {
 
     fn sample() -> BTreeMap<String, Entry> {
         let mut e = BTreeMap::new();
-        e.insert("init".into(), Entry::File { mode: 0o755, contents: b"#!agent".to_vec() });
-        e.insert("lib/x/libc.so.6".into(), Entry::File { mode: 0o755, contents: vec![1, 2, 3] });
-        e.insert("dev/console".into(), Entry::CharDevice { mode: 0o600, major: 5, minor: 1 });
+        e.insert(
+            "init".into(),
+            Entry::File {
+                mode: 0o755,
+                contents: b"#!agent".to_vec(),
+            },
+        );
+        e.insert(
+            "lib/x/libc.so.6".into(),
+            Entry::File {
+                mode: 0o755,
+                contents: vec![1, 2, 3],
+            },
+        );
+        e.insert(
+            "dev/console".into(),
+            Entry::CharDevice {
+                mode: 0o600,
+                major: 5,
+                minor: 1,
+            },
+        );
         add_parent_dirs(&mut e);
         e
     }
@@ -197,7 +266,17 @@ mod tests {
         // Parents were added: dev, lib, lib/x.
         let names: Vec<&String> = sample().keys().collect::<Vec<_>>().into_iter().collect();
         let names: Vec<String> = names.into_iter().cloned().collect();
-        assert_eq!(names, ["dev", "dev/console", "init", "lib", "lib/x", "lib/x/libc.so.6"]);
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "dev/console",
+                "init",
+                "lib",
+                "lib/x",
+                "lib/x/libc.so.6"
+            ]
+        );
         Ok(())
     }
 

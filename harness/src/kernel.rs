@@ -45,7 +45,11 @@ impl FromStr for FlavorSpec {
             Some((_, v)) => bail!("unknown kernel variant `{v}` in `{s}`: use tiny or debug"),
             None => (s, Variant::Tiny),
         };
-        if flavor.is_empty() || !flavor.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if flavor.is_empty()
+            || !flavor
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             bail!("`{s}` is not a flavor name: use e.g. v1, v1-fixed or v1:debug");
         }
         Ok(Self {
@@ -106,7 +110,12 @@ pub fn flavor_names() -> Result<Vec<String>> {
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(str::to_string)
+        })
         .collect();
     names.sort();
     Ok(names)
@@ -126,7 +135,8 @@ pub fn load_flavor(name: &str) -> Result<Flavor> {
 
 fn load_source(name: &str) -> Result<Source> {
     let path = patches_root().join("sources").join(format!("{name}.toml"));
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading kernel source {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading kernel source {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -137,24 +147,40 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     let recipes = recipes_dir();
 
     let series: Vec<PathBuf> = flavor.series.iter().map(|s| root.join(s)).collect();
-    let mut fragments: Vec<PathBuf> = flavor.fragments.iter().map(|f| root.join("config").join(f)).collect();
-    fragments.push(root.join("config").join(format!("{}.config", spec.variant.name())));
+    let mut fragments: Vec<PathBuf> = flavor
+        .fragments
+        .iter()
+        .map(|f| root.join("config").join(f))
+        .collect();
+    fragments.push(
+        root.join("config")
+            .join(format!("{}.config", spec.variant.name())),
+    );
 
     let mut key = KeyBuilder::default()
         .file("recipe", &recipes.join("kernel.sh"))?
         .file("apt", &recipes.join("apt-private.sh"))?
-        .file("source", &root.join("sources").join(format!("{}.toml", flavor.source)))?
+        .file(
+            "source",
+            &root.join("sources").join(format!("{}.toml", flavor.source)),
+        )?
         .text("variant", spec.variant.name());
     for dir in &series {
         if !dir.is_dir() {
-            bail!("flavor {} names series {} which does not exist", spec.flavor, dir.display());
+            bail!(
+                "flavor {} names series {} which does not exist",
+                spec.flavor,
+                dir.display()
+            );
         }
         key = key.dir("series", dir)?;
     }
     for fragment in &fragments {
         key = key.file("fragment", fragment)?;
     }
-    let tarball = std::env::var("KERNEL_TARBALL").ok().filter(|s| !s.is_empty());
+    let tarball = std::env::var("KERNEL_TARBALL")
+        .ok()
+        .filter(|s| !s.is_empty());
     if let Some(t) = &tarball {
         key = key.text("tarball", &cache::sha256_file(Path::new(t))?);
     }
@@ -177,7 +203,13 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     }
     let staging = out.with_extension("partial");
     std::fs::remove_dir_all(&staging).ok();
-    let join = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n");
+    let join = |paths: &[PathBuf]| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let mut env = vec![
         ("P2PRIG_DOWNLOADS", cache.downloads().display().to_string()),
         ("P2PRIG_APT_STATE", cache.apt_state().display().to_string()),
@@ -188,8 +220,14 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
         ("KSRC_DEB_SHA256", source.deb_sha256.clone()),
         ("KSRC_TARBALL_IN_DEB", source.tarball_in_deb.clone()),
         ("KSRC_TARBALL_SHA256", source.tarball_sha256.clone()),
-        ("KSRC_ORG_URL", source.kernel_org_url.clone().unwrap_or_default()),
-        ("KSRC_ORG_SHA256", source.kernel_org_sha256.clone().unwrap_or_default()),
+        (
+            "KSRC_ORG_URL",
+            source.kernel_org_url.clone().unwrap_or_default(),
+        ),
+        (
+            "KSRC_ORG_SHA256",
+            source.kernel_org_sha256.clone().unwrap_or_default(),
+        ),
         ("KSERIES", join(&series)),
         ("KFRAGMENTS", join(&fragments)),
     ];
@@ -199,13 +237,26 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     Recipe {
         what: &format!("kernel {spec}"),
         script: recipes.join("kernel.sh"),
-        args: vec![cache.root().join("kernel").join(format!("work-{work_name}")), staging.clone()],
+        args: vec![
+            cache
+                .root()
+                .join("kernel")
+                .join(format!("work-{work_name}")),
+            staging.clone(),
+        ],
         env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        log: cache.root().join(format!("logs/kernel-{}-{}.log", spec.flavor, spec.variant.name())),
+        log: cache.root().join(format!(
+            "logs/kernel-{}-{}.log",
+            spec.flavor,
+            spec.variant.name()
+        )),
     }
     .run()?;
     if !staging.join("bzImage").is_file() {
-        bail!("the kernel recipe finished without producing {}/bzImage", staging.display());
+        bail!(
+            "the kernel recipe finished without producing {}/bzImage",
+            staging.display()
+        );
     }
     cache::publish(&staging, &out)?;
     Ok(done(&out))
@@ -219,7 +270,10 @@ mod tests {
     fn flavor_spec_defaults_to_tiny_and_rejects_junk() -> Result<()> {
         assert_eq!("v1".parse::<FlavorSpec>()?.variant, Variant::Tiny);
         let debug: FlavorSpec = "v1-fixed:debug".parse()?;
-        assert_eq!((debug.flavor.as_str(), debug.variant), ("v1-fixed", Variant::Debug));
+        assert_eq!(
+            (debug.flavor.as_str(), debug.variant),
+            ("v1-fixed", Variant::Debug)
+        );
         assert!("v1:huge".parse::<FlavorSpec>().is_err());
         assert!("../etc".parse::<FlavorSpec>().is_err());
         assert!("".parse::<FlavorSpec>().is_err());

@@ -29,7 +29,11 @@ use report::Suite;
 use rig::{Accel, Rig, RigConfig, RunDir};
 
 #[derive(Debug, Parser)]
-#[command(name = "p2prig", version, about = "Reproduce PCI peer-to-peer dma-buf revoke bugs under QEMU, without the hardware")]
+#[command(
+    name = "p2prig",
+    version,
+    about = "Reproduce PCI peer-to-peer dma-buf revoke bugs under QEMU, without the hardware"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -116,12 +120,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let started = Instant::now();
             match what {
                 BuildWhat::Qemu => println!("{}", qemu::build(&cache)?.binary.display()),
-                BuildWhat::Kernel { spec } => println!("{}", kernel::build(&cache, &spec)?.bzimage.display()),
+                BuildWhat::Kernel { spec } => {
+                    println!("{}", kernel::build(&cache, &spec)?.bzimage.display())
+                }
                 BuildWhat::Image => println!("{}", image::build(&cache)?.initramfs.display()),
                 BuildWhat::All { kernels } => {
                     println!("qemu    {}", qemu::build(&cache)?.binary.display());
                     for spec in &kernels {
-                        println!("kernel  {spec:<16} {}", kernel::build(&cache, spec)?.bzimage.display());
+                        println!(
+                            "kernel  {spec:<16} {}",
+                            kernel::build(&cache, spec)?.bzimage.display()
+                        );
                     }
                     println!("image   {}", image::build(&cache)?.initramfs.display());
                 }
@@ -150,7 +159,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     if !SCENARIOS.iter().any(|(name, _)| *name == args.scenario) {
         let known: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
-        bail!("unknown scenario `{}`; known: {}", args.scenario, known.join(", "));
+        bail!(
+            "unknown scenario `{}`; known: {}",
+            args.scenario,
+            known.join(", ")
+        );
     }
     let qemu = qemu::build(cache)?;
     let kernel = kernel::build(cache, &args.kernel)?;
@@ -172,7 +185,16 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     let mut suite = Suite::new(&format!("{} {}", args.scenario, args.kernel));
     let boot_started = Instant::now();
     let outcome = Rig::boot(&cfg, &run_dir).and_then(|mut rig| {
-        suite.record("boot-to-agent-ready", true, format!("{:.1} s under {}", rig.boot_time.as_secs_f64(), accel_label(accel)), rig.boot_time);
+        suite.record(
+            "boot-to-agent-ready",
+            true,
+            format!(
+                "{:.1} s under {}",
+                rig.boot_time.as_secs_f64(),
+                accel_label(accel)
+            ),
+            rig.boot_time,
+        );
         let result = smoke::run(&mut rig, kernel.uapi, &mut suite);
         let console_text = std::fs::read_to_string(rig.console_path()).unwrap_or_default();
         if let Some(excerpt) = console::report_excerpt(&console_text) {
@@ -187,7 +209,12 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         if e.downcast_ref::<process::Interrupted>().is_some() {
             return Err(outcome.err().context("interrupted")?);
         }
-        suite.record("scenario-completed", false, format!("{e:#}"), boot_started.elapsed());
+        suite.record(
+            "scenario-completed",
+            false,
+            format!("{e:#}"),
+            boot_started.elapsed(),
+        );
     }
     suite.write_junit(&run_dir.file("junit.xml"))?;
     if let Some(path) = &args.junit {
@@ -201,7 +228,11 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         failures,
         run_dir.path.display()
     );
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn accel_label(accel: Accel) -> &'static str {
@@ -221,7 +252,9 @@ mod tests {
     #[test]
     fn run_defaults_to_v1_smoke_auto() -> Result<()> {
         let cli = Cli::try_parse_from(["p2prig", "run"]).context("parses")?;
-        let Cmd::Run(args) = cli.command else { bail!("not run") };
+        let Cmd::Run(args) = cli.command else {
+            bail!("not run")
+        };
         assert_eq!(args.kernel.to_string(), "v1:tiny");
         assert_eq!(args.scenario, "smoke");
         assert_eq!(args.accel, AccelChoice::Auto);

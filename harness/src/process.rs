@@ -16,8 +16,14 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// Installs handlers that only set a flag, so cleanup runs in ordinary code (guards' drops).
 pub fn install_signal_handlers() -> Result<()> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    let flag = FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+    let flag = FLAG
+        .get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone();
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
         signal_hook::flag::register(sig, flag.clone()).context("installing a signal handler")?;
     }
     std::thread::Builder::new()

@@ -42,8 +42,14 @@ pub fn build(cache: &Cache) -> Result<Qemu> {
     let staging = out.with_extension("partial");
     std::fs::remove_dir_all(&staging).ok();
     let mut env = vec![
-        ("P2PRIG_DOWNLOADS".to_string(), cache.downloads().display().to_string()),
-        ("P2PRIG_APT_STATE".to_string(), cache.apt_state().display().to_string()),
+        (
+            "P2PRIG_DOWNLOADS".to_string(),
+            cache.downloads().display().to_string(),
+        ),
+        (
+            "P2PRIG_APT_STATE".to_string(),
+            cache.apt_state().display().to_string(),
+        ),
     ];
     if let Some(t) = tarball {
         env.push(("QEMU_TARBALL".to_string(), t));

@@ -32,7 +32,8 @@ impl Recipe<'_> {
         if let Some(dir) = self.log.parent() {
             fs::create_dir_all(dir)?;
         }
-        let log = File::create(&self.log).with_context(|| format!("creating {}", self.log.display()))?;
+        let log =
+            File::create(&self.log).with_context(|| format!("creating {}", self.log.display()))?;
         let mut cmd = Command::new("bash");
         cmd.arg(&self.script)
             .args(&self.args)
@@ -66,7 +67,11 @@ impl Recipe<'_> {
                 self.log.display()
             );
         }
-        eprintln!("built {} in {:.0} s", self.what, started.elapsed().as_secs_f64());
+        eprintln!(
+            "built {} in {:.0} s",
+            self.what,
+            started.elapsed().as_secs_f64()
+        );
         Ok(())
     }
 }
@@ -122,10 +127,19 @@ impl Progress {
                 self.steps = format!("{} files compiled", self.compiled);
             }
         }
-        let due = if self.tty { Duration::from_millis(500) } else { Duration::from_secs(30) };
+        let due = if self.tty {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(30)
+        };
         if self.last_print.elapsed() >= due && !self.steps.is_empty() {
             self.last_print = Instant::now();
-            let msg = format!("  {}: {} [{:.0} s]", self.what, self.steps, elapsed.as_secs_f64());
+            let msg = format!(
+                "  {}: {} [{:.0} s]",
+                self.what,
+                self.steps,
+                elapsed.as_secs_f64()
+            );
             if self.tty {
                 eprint!("\r\x1b[2K{msg}");
                 std::io::stderr().flush().ok();
@@ -178,7 +192,10 @@ mod tests {
 
     #[test]
     fn ninja_counter_is_parsed_and_other_brackets_are_not() {
-        assert_eq!(ninja_counter("[12/1691] Compiling C object x.o").as_deref(), Some("12/1691 steps"));
+        assert_eq!(
+            ninja_counter("[12/1691] Compiling C object x.o").as_deref(),
+            Some("12/1691 steps")
+        );
         assert_eq!(ninja_counter("[warn] something"), None);
         assert_eq!(ninja_counter("plain"), None);
     }

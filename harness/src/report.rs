@@ -30,7 +30,13 @@ impl Suite {
     }
 
     /// Records and prints one check.
-    pub fn record(&mut self, name: &str, passed: bool, detail: impl Into<String>, duration: Duration) {
+    pub fn record(
+        &mut self,
+        name: &str,
+        passed: bool,
+        detail: impl Into<String>,
+        duration: Duration,
+    ) {
         let detail = detail.into();
         let word = if passed { "PASS" } else { "FAIL" };
         if detail.is_empty() {
@@ -100,7 +106,9 @@ fn escape(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => out.push_str(&format!("&#x{:x};", c as u32)),
+            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => {
+                out.push_str(&format!("&#x{:x};", c as u32))
+            }
             c => out.push(c),
         }
     }

@@ -95,7 +95,8 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let mut cmdline = String::from("console=ttyS0 panic=-1 vfio.enable_unsafe_noiommu_mode=1 rdinit=/init");
+    let mut cmdline =
+        String::from("console=ttyS0 panic=-1 vfio.enable_unsafe_noiommu_mode=1 rdinit=/init");
     if !cfg.extra_cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&cfg.extra_cmdline);
@@ -105,7 +106,13 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         run.file("nvme-cmb.sock").display()
     );
     let mut args: Vec<String> = [
-        "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-nic",
+        "none",
+        "-no-reboot",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -148,7 +155,10 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "-device".into(),
         "virtio-serial-pci,id=vser0,bus=pcie.0".into(),
         "-chardev".into(),
-        format!("socket,id=agent,path={},server=on,wait=off", run.file("agent.sock").display()),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            run.file("agent.sock").display()
+        ),
         "-device".into(),
         "virtserialport,bus=vser0.0,chardev=agent,name=p2prig.agent".into(),
         "-qmp".into(),
@@ -180,7 +190,11 @@ impl Rig {
             Duration::from_secs(10),
             &run.file("nvme-cmb.log"),
         )?;
-        let device = LineClient::connect("nvme-cmb control", &run.file("nvme-cmb.control.sock"), Duration::from_secs(5))?;
+        let device = LineClient::connect(
+            "nvme-cmb control",
+            &run.file("nvme-cmb.control.sock"),
+            Duration::from_secs(5),
+        )?;
 
         let args = qemu_args(cfg, run);
         let printable = std::iter::once(cfg.qemu.display().to_string())
@@ -196,7 +210,10 @@ impl Rig {
             .stderr(fs::File::create(run.file("qemu.stderr.log"))?);
         let started = Instant::now();
         let mut qemu = ChildGuard::spawn("qemu", qemu_cmd, Group::Harness)?;
-        fs::write(run.file("pids"), format!("nvme-cmb {}\nqemu {}\n", nvme.pid(), qemu.pid()))?;
+        fs::write(
+            run.file("pids"),
+            format!("nvme-cmb {}\nqemu {}\n", nvme.pid(), qemu.pid()),
+        )?;
 
         let console_path = run.file("console.log");
         let deadline = started + cfg.boot_timeout;
@@ -215,7 +232,11 @@ impl Rig {
         };
         let mut agent = loop {
             watch(&mut qemu)?;
-            match LineClient::connect("guest agent", &run.file("agent.sock"), Duration::from_millis(200)) {
+            match LineClient::connect(
+                "guest agent",
+                &run.file("agent.sock"),
+                Duration::from_millis(200),
+            ) {
                 Ok(c) => break c,
                 Err(_) if Instant::now() < deadline => continue,
                 Err(e) => return Err(e.context("QEMU never opened the agent socket")),
@@ -247,7 +268,11 @@ impl Rig {
     }
 
     /// An agent RPC with a timeout; QEMU dying or the guest crashing aborts the wait.
-    pub fn agent_call(&mut self, op: AgentOp, timeout: Duration) -> Result<std::result::Result<AgentReply, ErrorReply>> {
+    pub fn agent_call(
+        &mut self,
+        op: AgentOp,
+        timeout: Duration,
+    ) -> Result<std::result::Result<AgentReply, ErrorReply>> {
         let console = self.console.clone();
         let qemu = &mut self.qemu;
         let desc = format!("{op:?}");
@@ -286,15 +311,28 @@ impl Rig {
     }
 }
 
-fn wait_for_paths(child: &mut ChildGuard, paths: &[PathBuf], timeout: Duration, log: &Path) -> Result<()> {
+fn wait_for_paths(
+    child: &mut ChildGuard,
+    paths: &[PathBuf],
+    timeout: Duration,
+    log: &Path,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !paths.iter().all(|p| p.exists()) {
         crate::process::check_interrupted()?;
         if let Some(status) = child.try_status() {
-            bail!("{} exited at start ({status}); its log:\n{}", child.name(), crate::recipe::tail_lines(log, 15));
+            bail!(
+                "{} exited at start ({status}); its log:\n{}",
+                child.name(),
+                crate::recipe::tail_lines(log, 15)
+            );
         }
         if Instant::now() >= deadline {
-            bail!("{} did not create its sockets within {timeout:?}; its log:\n{}", child.name(), crate::recipe::tail_lines(log, 15));
+            bail!(
+                "{} did not create its sockets within {timeout:?}; its log:\n{}",
+                child.name(),
+                crate::recipe::tail_lines(log, 15)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -302,7 +340,10 @@ fn wait_for_paths(child: &mut ChildGuard, paths: &[PathBuf], timeout: Duration, 
 }
 
 fn shell_quote(arg: &str) -> String {
-    if arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c)) {
+    if arg
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c))
+    {
         arg.to_string()
     } else {
         format!("'{}'", arg.replace('\'', r"'\''"))

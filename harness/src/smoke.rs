@@ -24,18 +24,33 @@ const EINVAL: i32 = 22;
 /// ends the scenario early (recorded as a failure).
 pub fn run(rig: &mut Rig, uapi: DmabufUapi, suite: &mut Suite) -> Result<()> {
     let t = Instant::now();
-    let AgentReply::Hello { kernel_release, .. } = expect(rig.agent_call(AgentOp::Hello, RPC_TIMEOUT)?, "hello")? else {
+    let AgentReply::Hello { kernel_release, .. } =
+        expect(rig.agent_call(AgentOp::Hello, RPC_TIMEOUT)?, "hello")?
+    else {
         bail!("hello: unexpected reply");
     };
-    suite.record("agent-hello", true, format!("guest kernel {kernel_release}"), t.elapsed());
+    suite.record(
+        "agent-hello",
+        true,
+        format!("guest kernel {kernel_release}"),
+        t.elapsed(),
+    );
 
     let t = Instant::now();
-    let functions = match expect(rig.agent_call(AgentOp::FindPci { class: NVME_CLASS }, RPC_TIMEOUT)?, "find_pci")? {
+    let functions = match expect(
+        rig.agent_call(AgentOp::FindPci { class: NVME_CLASS }, RPC_TIMEOUT)?,
+        "find_pci",
+    )? {
         AgentReply::Pci { functions } => functions,
         other => bail!("find_pci: unexpected reply {other:?}"),
     };
     let ok = functions.len() == 1;
-    suite.record("nvme-function-visible", ok, format!("class {NVME_CLASS:#08x} functions: {functions:?}"), t.elapsed());
+    suite.record(
+        "nvme-function-visible",
+        ok,
+        format!("class {NVME_CLASS:#08x} functions: {functions:?}"),
+        t.elapsed(),
+    );
     if !ok {
         bail!("the guest does not see exactly one NVMe function");
     }
@@ -43,7 +58,12 @@ pub fn run(rig: &mut Rig, uapi: DmabufUapi, suite: &mut Suite) -> Result<()> {
 
     let t = Instant::now();
     let bound = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC_TIMEOUT)?;
-    suite.record("bind-vfio-pci", bound.is_ok(), err_text(&bound), t.elapsed());
+    suite.record(
+        "bind-vfio-pci",
+        bound.is_ok(),
+        err_text(&bound),
+        t.elapsed(),
+    );
     let opened = rig.agent_call(AgentOp::VfioOpen { bdf: bdf.clone() }, RPC_TIMEOUT)?;
     let device = match &opened {
         Ok(AgentReply::Device { device }) => *device,
@@ -52,28 +72,66 @@ pub fn run(rig: &mut Rig, uapi: DmabufUapi, suite: &mut Suite) -> Result<()> {
             bail!("cannot open the VFIO device");
         }
     };
-    suite.record("open-vfio-device", true, format!("{bdf} (noiommu)"), t.elapsed());
+    suite.record(
+        "open-vfio-device",
+        true,
+        format!("{bdf} (noiommu)"),
+        t.elapsed(),
+    );
 
     let t = Instant::now();
-    let export = AgentOp::DmabufExport { device, bar: 0, offset: DOORBELL_PAGE, length: PAGE, uapi };
+    let export = AgentOp::DmabufExport {
+        device,
+        bar: 0,
+        offset: DOORBELL_PAGE,
+        length: PAGE,
+        uapi,
+    };
     match rig.agent_call(export, RPC_TIMEOUT)? {
         Ok(AgentReply::Dmabuf { dmabuf, size }) => {
-            suite.record("export-doorbell-page", size == PAGE, format!("dma-buf size {size}, expected {PAGE}"), t.elapsed());
+            suite.record(
+                "export-doorbell-page",
+                size == PAGE,
+                format!("dma-buf size {size}, expected {PAGE}"),
+                t.elapsed(),
+            );
             let _ = rig.agent_call(AgentOp::DmabufClose { dmabuf }, RPC_TIMEOUT)?;
         }
         other => suite.record("export-doorbell-page", false, err_text(&other), t.elapsed()),
     }
 
     let t = Instant::now();
-    let unaligned = AgentOp::DmabufExport { device, bar: 0, offset: DOORBELL_PAGE + 4, length: PAGE, uapi };
+    let unaligned = AgentOp::DmabufExport {
+        device,
+        bar: 0,
+        offset: DOORBELL_PAGE + 4,
+        length: PAGE,
+        uapi,
+    };
     match rig.agent_call(unaligned, RPC_TIMEOUT)? {
-        Err(e) => suite.record("export-unaligned-is-einval", e.errno == EINVAL, format!("errno {} ({})", e.errno, e.message), t.elapsed()),
-        Ok(reply) => suite.record("export-unaligned-is-einval", false, format!("export succeeded: {reply:?}"), t.elapsed()),
+        Err(e) => suite.record(
+            "export-unaligned-is-einval",
+            e.errno == EINVAL,
+            format!("errno {} ({})", e.errno, e.message),
+            t.elapsed(),
+        ),
+        Ok(reply) => suite.record(
+            "export-unaligned-is-einval",
+            false,
+            format!("export succeeded: {reply:?}"),
+            t.elapsed(),
+        ),
     }
 
     let t = Instant::now();
     let baseline = last_seq(rig)?;
-    let write = AgentOp::BarWrite { device, bar: 0, offset: SQ0TDBL, width: 4, value: 5 };
+    let write = AgentOp::BarWrite {
+        device,
+        bar: 0,
+        offset: SQ0TDBL,
+        width: 4,
+        value: 5,
+    };
     let wrote = rig.agent_call(write, RPC_TIMEOUT)?;
     if wrote.is_err() {
         suite.record("doorbell-write-lands", false, err_text(&wrote), t.elapsed());
@@ -86,11 +144,16 @@ pub fn run(rig: &mut Rig, uapi: DmabufUapi, suite: &mut Suite) -> Result<()> {
     Ok(())
 }
 
-fn expect(reply: std::result::Result<AgentReply, p2prig_protocol::wire::ErrorReply>, what: &str) -> Result<AgentReply> {
+fn expect(
+    reply: std::result::Result<AgentReply, p2prig_protocol::wire::ErrorReply>,
+    what: &str,
+) -> Result<AgentReply> {
     reply.map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
-fn err_text<T: std::fmt::Debug>(r: &std::result::Result<T, p2prig_protocol::wire::ErrorReply>) -> String {
+fn err_text<T: std::fmt::Debug>(
+    r: &std::result::Result<T, p2prig_protocol::wire::ErrorReply>,
+) -> String {
     match r {
         Ok(v) => format!("{v:?}"),
         Err(e) => e.to_string(),
@@ -98,7 +161,10 @@ fn err_text<T: std::fmt::Debug>(r: &std::result::Result<T, p2prig_protocol::wire
 }
 
 fn last_seq(rig: &mut Rig) -> Result<u64> {
-    match rig.device_call(DeviceOp::EventsSince { since: u64::MAX, limit: Some(0) })? {
+    match rig.device_call(DeviceOp::EventsSince {
+        since: u64::MAX,
+        limit: Some(0),
+    })? {
         DeviceReply::Events { last_seq, .. } => Ok(last_seq),
         other => bail!("nvme-cmb: unexpected reply {other:?}"),
     }
@@ -113,7 +179,13 @@ fn doorbell_events_after(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
     let mut quiet_until: Option<Instant> = None;
     let mut cursor = since;
     loop {
-        let DeviceReply::Events { events, last_seq, .. } = rig.device_call(DeviceOp::EventsSince { since: cursor, limit: None })? else {
+        let DeviceReply::Events {
+            events, last_seq, ..
+        } = rig.device_call(DeviceOp::EventsSince {
+            since: cursor,
+            limit: None,
+        })?
+        else {
             bail!("nvme-cmb: unexpected reply to events_since");
         };
         cursor = last_seq.max(cursor);
@@ -147,7 +219,10 @@ pub fn judge_doorbell(events: &[Event], offset: u64, value: u64) -> (bool, Strin
     let count = matching.count();
     let ok = count == 1 && events.len() == 1;
     let detail = if ok {
-        format!("one 4-byte write of {value} at BAR0+{offset:#x} (event seq {})", events[0].seq)
+        format!(
+            "one 4-byte write of {value} at BAR0+{offset:#x} (event seq {})",
+            events[0].seq
+        )
     } else {
         format!(
             "expected exactly one 4-byte write of {value} at BAR0+{offset:#x} and nothing else in the doorbell page; saw {} matching among {} events: {}",
@@ -168,7 +243,14 @@ mod tests {
             seq,
             mono_ns: seq * 10,
             generation: 0,
-            kind: EventKind::Bar { access, bar: 0, offset, size, value: Some(value), data: None },
+            kind: EventKind::Bar {
+                access,
+                bar: 0,
+                offset,
+                size,
+                value: Some(value),
+                data: None,
+            },
         }
     }
 
@@ -181,18 +263,42 @@ mod tests {
     #[test]
     fn missing_duplicate_wrong_value_or_stray_access_fails() {
         assert!(!judge_doorbell(&[], 0x1000, 5).0, "nothing arrived");
-        let dup = vec![bar_event(4, Access::Write, 0x1000, 4, 5), bar_event(5, Access::Write, 0x1000, 4, 5)];
+        let dup = vec![
+            bar_event(4, Access::Write, 0x1000, 4, 5),
+            bar_event(5, Access::Write, 0x1000, 4, 5),
+        ];
         assert!(!judge_doorbell(&dup, 0x1000, 5).0, "two writes");
-        assert!(!judge_doorbell(&[bar_event(4, Access::Write, 0x1000, 4, 6)], 0x1000, 5).0, "wrong value");
-        assert!(!judge_doorbell(&[bar_event(4, Access::Write, 0x1000, 2, 5)], 0x1000, 5).0, "wrong size");
-        let stray = vec![bar_event(4, Access::Write, 0x1000, 4, 5), bar_event(5, Access::Read, 0x1008, 4, 0)];
-        assert!(!judge_doorbell(&stray, 0x1000, 5).0, "stray read in the page");
+        assert!(
+            !judge_doorbell(&[bar_event(4, Access::Write, 0x1000, 4, 6)], 0x1000, 5).0,
+            "wrong value"
+        );
+        assert!(
+            !judge_doorbell(&[bar_event(4, Access::Write, 0x1000, 2, 5)], 0x1000, 5).0,
+            "wrong size"
+        );
+        let stray = vec![
+            bar_event(4, Access::Write, 0x1000, 4, 5),
+            bar_event(5, Access::Read, 0x1008, 4, 0),
+        ];
+        assert!(
+            !judge_doorbell(&stray, 0x1000, 5).0,
+            "stray read in the page"
+        );
     }
 
     #[test]
     fn only_doorbell_page_events_are_considered() {
         assert!(in_doorbell_page(&bar_event(1, Access::Write, 0x1ffc, 4, 0)));
-        assert!(!in_doorbell_page(&bar_event(1, Access::Write, 0x14, 4, 0)), "CC register is page 0");
-        assert!(!in_doorbell_page(&bar_event(1, Access::Write, 0x2000, 4, 0)));
+        assert!(
+            !in_doorbell_page(&bar_event(1, Access::Write, 0x14, 4, 0)),
+            "CC register is page 0"
+        );
+        assert!(!in_doorbell_page(&bar_event(
+            1,
+            Access::Write,
+            0x2000,
+            4,
+            0
+        )));
     }
 }

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 fn alive(pid: i32) -> bool {
     // A zombie still has a /proc entry; only count processes that can still run.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -20,7 +25,15 @@ fn alive(pid: i32) -> bool {
 #[ignore = "needs the built rig; run by `make vm-sigint-test`"]
 fn sigint_during_boot_leaves_no_qemu_or_device_behind() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_p2prig"))
-        .args(["run", "--kernel", "v1", "--scenario", "smoke", "--accel", "tcg"])
+        .args([
+            "run",
+            "--kernel",
+            "v1",
+            "--scenario",
+            "smoke",
+            "--accel",
+            "tcg",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -28,7 +41,10 @@ fn sigint_during_boot_leaves_no_qemu_or_device_behind() {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     let run_dir = loop {
-        let line = lines.next().expect("p2prig printed its run directory").expect("utf-8 line");
+        let line = lines
+            .next()
+            .expect("p2prig printed its run directory")
+            .expect("utf-8 line");
         if let Some(dir) = line.strip_prefix("run directory: ") {
             break PathBuf::from(dir);
         }
@@ -62,13 +78,26 @@ fn sigint_during_boot_leaves_no_qemu_or_device_behind() {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
-        assert!(Instant::now() < deadline, "p2prig did not exit within 30 s of SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "p2prig did not exit within 30 s of SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(130), "p2prig reports the interruption with exit code 130");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "p2prig reports the interruption with exit code 130"
+    );
     for (name, pid) in &pids {
         assert!(!alive(*pid), "{name} ({pid}) survived p2prig's SIGINT");
     }
-    assert!(run_dir.join("console.log").exists(), "the run directory keeps the console log");
-    assert!(run_dir.join("qemu.cmdline").exists(), "the run directory keeps the QEMU command line");
+    assert!(
+        run_dir.join("console.log").exists(),
+        "the run directory keeps the console log"
+    );
+    assert!(
+        run_dir.join("qemu.cmdline").exists(),
+        "the run directory keeps the QEMU command line"
+    );
 }

@@ -79,9 +79,8 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, WireError> {
 pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising our own plain data types cannot fail (no maps with non-string keys,
     // no custom Serialize impls that error).
-    let mut line = serde_json::to_vec(value).unwrap_or_else(|e| {
-        format!("{{\"encode_error\":\"{e}\"}}").into_bytes()
-    });
+    let mut line = serde_json::to_vec(value)
+        .unwrap_or_else(|e| format!("{{\"encode_error\":\"{e}\"}}").into_bytes());
     line.push(b'\n');
     line
 }
@@ -109,7 +108,10 @@ mod tests {
 
     #[test]
     fn request_round_trips_with_flattened_op() {
-        let req = Request { id: 7, op: Op::Add { a: 1, b: 2 } };
+        let req = Request {
+            id: 7,
+            op: Op::Add { a: 1, b: 2 },
+        };
         let line = encode_line(&req);
         assert_eq!(line, b"{\"id\":7,\"op\":\"add\",\"a\":1,\"b\":2}\n");
         let back: Request<Op> = decode_line(&line).expect("decodes");
@@ -118,7 +120,10 @@ mod tests {
 
     #[test]
     fn error_reply_carries_errno() {
-        let reply: Reply<u32> = Reply { id: 3, outcome: Outcome::Err(ErrorReply::new(22, "bad")) };
+        let reply: Reply<u32> = Reply {
+            id: 3,
+            outcome: Outcome::Err(ErrorReply::new(22, "bad")),
+        };
         let line = encode_line(&reply);
         let back: Reply<u32> = decode_line(&line).expect("decodes");
         assert_eq!(back, reply);
@@ -126,7 +131,13 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_errors_not_panics() {
-        for bad in [&b"{"[..], b"\xff\xfe", b"{\"id\":1,\"op\":\"nope\"}", b"", b"[]"] {
+        for bad in [
+            &b"{"[..],
+            b"\xff\xfe",
+            b"{\"id\":1,\"op\":\"nope\"}",
+            b"",
+            b"[]",
+        ] {
             assert!(decode_line::<Request<Op>>(bad).is_err(), "{bad:?}");
         }
         assert_eq!(salvage_id(b"{\"id\":9,\"op\":\"nope\"}"), 9);
@@ -136,6 +147,9 @@ mod tests {
     #[test]
     fn overlong_line_is_rejected_before_parsing() {
         let line = vec![b' '; MAX_LINE_BYTES + 1];
-        assert!(matches!(decode_line::<Op>(&line), Err(WireError::TooLong(_))));
+        assert!(matches!(
+            decode_line::<Op>(&line),
+            Err(WireError::TooLong(_))
+        ));
     }
 }
