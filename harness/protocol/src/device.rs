@@ -80,7 +80,10 @@ pub enum DeviceReply {
     Stats(DeviceStats),
     Registers(RegisterDump),
     /// CMB contents as lowercase hex.
-    CmbData { offset: u64, data_hex: String },
+    CmbData {
+        offset: u64,
+        data_hex: String,
+    },
     /// The request was carried out.
     Done,
     /// Answer to `wait_for`: the first matching event, or `None` when the timeout passed.

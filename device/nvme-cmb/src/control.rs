@@ -1,0 +1,310 @@
+//! The control socket: JSON lines (see `p2prig_protocol::device`), one thread per
+//! connection, one reply line per request line. A bad line gets an error reply; it never
+//! ends the connection, let alone the process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2prig_protocol::device::{DeviceOp, DeviceReply};
+use p2prig_protocol::wire::{
+    decode_line, encode_line, salvage_id, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
+};
+
+use crate::device::{hex, Device, MAX_TRANSFER};
+use crate::server::{bind_unix, ServerError};
+
+/// Most events one `events_since` returns (the default when no limit is given is 1000).
+pub const MAX_EVENTS_PER_PAGE: usize = 100_000;
+const DEFAULT_EVENTS_PER_PAGE: usize = 1000;
+/// Longest pattern a `cmb_fill` accepts.
+pub const MAX_PATTERN_BYTES: usize = 4096;
+/// Longest reset duration or ready delay the socket accepts (10 minutes).
+pub const MAX_DELAY_MS: u64 = 600_000;
+
+fn invalid(message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(libc::EINVAL, message)
+}
+
+/// Parses lowercase or uppercase hex digits into bytes.
+pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// Carries out one operation.
+pub fn handle(op: DeviceOp, device: &Arc<Device>) -> Result<DeviceReply, ErrorReply> {
+    match op {
+        DeviceOp::EventsSince { since, limit } => {
+            let limit = limit.map_or(DEFAULT_EVENTS_PER_PAGE, |l| l as usize);
+            let page = device.log().since(since, limit.min(MAX_EVENTS_PER_PAGE));
+            Ok(DeviceReply::Events {
+                events: page.events,
+                last_seq: page.last_seq,
+                truncated: page.truncated,
+            })
+        }
+        DeviceOp::Stats => Ok(DeviceReply::Stats(device.log().stats())),
+        DeviceOp::Registers => Ok(DeviceReply::Registers(device.registers())),
+        DeviceOp::CmbRead { offset, length } => {
+            if length as usize > MAX_TRANSFER {
+                return Err(invalid(format!(
+                    "length {length} is over the {MAX_TRANSFER}-byte limit of one cmb_read"
+                )));
+            }
+            let mut data = vec![0u8; length as usize];
+            device
+                .cmb()
+                .read(offset, &mut data)
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(DeviceReply::CmbData {
+                offset,
+                data_hex: hex(&data),
+            })
+        }
+        DeviceOp::CmbFill {
+            offset,
+            length,
+            pattern_hex,
+        } => {
+            let pattern = parse_hex(&pattern_hex)
+                .filter(|p| !p.is_empty() && p.len() <= MAX_PATTERN_BYTES)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "pattern_hex must be 1 to {MAX_PATTERN_BYTES} bytes of hex digits"
+                    ))
+                })?;
+            let size = device.cmb().size();
+            let length = length.unwrap_or_else(|| size.saturating_sub(offset));
+            device
+                .cmb()
+                .fill(offset, length, &pattern)
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(DeviceReply::Done)
+        }
+        DeviceOp::SetResetDuration { ms } => {
+            if ms > MAX_DELAY_MS {
+                return Err(invalid(format!(
+                    "{ms} ms is over the {MAX_DELAY_MS} ms limit"
+                )));
+            }
+            device.set_reset_duration(ms);
+            Ok(DeviceReply::Done)
+        }
+        DeviceOp::SetReadyDelay { ms } => {
+            if ms > MAX_DELAY_MS {
+                return Err(invalid(format!(
+                    "{ms} ms is over the {MAX_DELAY_MS} ms limit"
+                )));
+            }
+            device.set_ready_delay(ms);
+            Ok(DeviceReply::Done)
+        }
+        DeviceOp::WaitFor {
+            filter,
+            since,
+            timeout_ms,
+        } => {
+            let log = device.log();
+            let since = since.unwrap_or_else(|| log.last_seq());
+            let (event, last_seq) = log.wait_for(&filter, since, Duration::from_millis(timeout_ms));
+            Ok(DeviceReply::WaitResult { event, last_seq })
+        }
+    }
+}
+
+/// Turns one request line into its reply.
+pub fn handle_line(line: &[u8], device: &Arc<Device>) -> Reply<DeviceReply> {
+    match decode_line::<Request<DeviceOp>>(line) {
+        Ok(request) => Reply {
+            id: request.id,
+            outcome: match handle(request.op, device) {
+                Ok(reply) => Outcome::Ok(reply),
+                Err(e) => Outcome::Err(e),
+            },
+        },
+        Err(e) => Reply {
+            id: salvage_id(line),
+            outcome: Outcome::Err(invalid(format!("bad request: {e}"))),
+        },
+    }
+}
+
+/// Serves one connection until the peer closes it.
+pub fn serve_connection(stream: UnixStream, device: &Arc<Device>) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = MAX_LINE_BYTES as u64 + 1;
+        match reader.by_ref().take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > MAX_LINE_BYTES {
+            // Skip the rest of the overlong line so the next one parses.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                match reader.by_ref().take(limit).read_until(b'\n', &mut rest) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if rest.ends_with(b"\n") => break,
+                    Ok(_) => {}
+                }
+            }
+            Reply {
+                id: 0,
+                outcome: Outcome::Err(invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))),
+            }
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        } else {
+            handle_line(&line, device)
+        };
+        if writer.write_all(&encode_line(&reply)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The listening control socket.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    pub fn bind(path: &Path) -> Result<Self, ServerError> {
+        Ok(Self {
+            listener: bind_unix(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts connections until `stop` is set, each served on its own thread.
+    pub fn serve(&self, device: &Arc<Device>, stop: &AtomicBool) {
+        for stream in self.listener.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(stream) = stream else { continue };
+            let device = Arc::clone(device);
+            let spawned = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || serve_connection(stream, &device));
+            // Out of threads: the connection is dropped and the client may retry.
+            drop(spawned);
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_log::EventLog;
+    use crate::DeviceSettings;
+
+    fn device() -> Arc<Device> {
+        Device::new(
+            DeviceSettings {
+                cmb_size: 64 << 10,
+                ..Default::default()
+            },
+            Arc::new(EventLog::new(64, None)),
+        )
+        .expect("device")
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        assert_eq!(parse_hex("00aBff"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(parse_hex("abc"), None);
+        assert_eq!(parse_hex("zz"), None);
+        assert_eq!(parse_hex("é1"), None);
+        assert_eq!(hex(&[1, 0xfe]), "01fe");
+    }
+
+    #[test]
+    fn malformed_lines_get_error_replies_with_salvaged_ids() {
+        let d = device();
+        for (line, id) in [
+            (&b"{\"id\":5,\"op\":\"explode\"}"[..], 5),
+            (b"not json", 0),
+            (
+                b"{\"id\":6,\"op\":\"cmb_read\",\"offset\":\"x\",\"length\":1}",
+                6,
+            ),
+            (b"\xff\xfe", 0),
+        ] {
+            let reply = handle_line(line, &d);
+            assert_eq!(reply.id, id);
+            assert!(matches!(reply.outcome, Outcome::Err(ref e) if e.errno == libc::EINVAL));
+        }
+    }
+
+    #[test]
+    fn cmb_fill_then_read_returns_the_pattern() {
+        let d = device();
+        let fill = DeviceOp::CmbFill {
+            offset: 8,
+            length: Some(4),
+            pattern_hex: "a5".into(),
+        };
+        assert_eq!(handle(fill, &d), Ok(DeviceReply::Done));
+        let read = DeviceOp::CmbRead {
+            offset: 6,
+            length: 8,
+        };
+        assert_eq!(
+            handle(read, &d),
+            Ok(DeviceReply::CmbData {
+                offset: 6,
+                data_hex: "0000a5a5a5a50000".into()
+            })
+        );
+    }
+
+    #[test]
+    fn out_of_range_cmb_requests_are_errors() {
+        let d = device();
+        let read = DeviceOp::CmbRead {
+            offset: 64 << 10,
+            length: 1,
+        };
+        assert!(handle(read, &d).is_err());
+        let fill = DeviceOp::CmbFill {
+            offset: 0,
+            length: Some(u64::MAX),
+            pattern_hex: "00".into(),
+        };
+        assert!(handle(fill, &d).is_err());
+        let empty = DeviceOp::CmbFill {
+            offset: 0,
+            length: None,
+            pattern_hex: String::new(),
+        };
+        assert!(handle(empty, &d).is_err());
+    }
+}
