@@ -121,7 +121,7 @@ fn parse_ldd(text: &str) -> Result<Vec<PathBuf>> {
             bail!("the guest agent needs a library that is not installed: {line}");
         }
         let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim().split_whitespace().next(),
+            Some((_, rest)) => rest.split_whitespace().next(),
             None => line.split_whitespace().next(),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
@@ -149,8 +149,7 @@ fn add_parent_dirs(entries: &mut BTreeMap<String, Entry>) {
 /// Serialises entries (already sorted by the map) as a newc ("070701") archive.
 pub fn newc(entries: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    let mut ino = 1u32;
-    for (name, entry) in entries {
+    for (ino, (name, entry)) in (1u32..).zip(entries) {
         let (mode, contents, rdev): (u32, &[u8], (u32, u32)) = match entry {
             Entry::Dir => (0o040755, &[], (0, 0)),
             Entry::File { mode, contents } => (0o100000 | mode, contents, (0, 0)),
@@ -163,7 +162,6 @@ pub fn newc(entries: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {
         pad4(&mut out);
         out.extend_from_slice(contents);
         pad4(&mut out);
-        ino += 1;
     }
     write_header(&mut out, 0, 0, 0, (0, 0), "TRAILER!!!".len() + 1);
     out.extend_from_slice(b"TRAILER!!!\0");
@@ -202,7 +200,7 @@ fn write_header(
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -264,8 +262,7 @@ mod tests {
         let trailer = bytes.windows(10).position(|w| w == b"TRAILER!!!");
         assert!(trailer.is_some());
         // Parents were added: dev, lib, lib/x.
-        let names: Vec<&String> = sample().keys().collect::<Vec<_>>().into_iter().collect();
-        let names: Vec<String> = names.into_iter().cloned().collect();
+        let names: Vec<String> = sample().into_keys().collect();
         assert_eq!(
             names,
             [
