@@ -216,6 +216,7 @@ pub const HEADER_SIZE: usize = 16;
 pub const FLAG_ERROR: u32 = 1 << 5;
 
 pub struct RawReply {
+    pub id: u16,
     pub command: u16,
     pub flags: u32,
     pub error: u32,
@@ -223,13 +224,18 @@ pub struct RawReply {
 }
 
 impl RawClient {
-    /// Connects and negotiates the version.
-    pub fn connect(path: &std::path::Path) -> RawClient {
+    /// Connects without negotiating anything.
+    pub fn bare(path: &std::path::Path) -> RawClient {
         let stream = UnixStream::connect(path).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut client = RawClient { stream, next_id: 0 };
+        RawClient { stream, next_id: 0 }
+    }
+
+    /// Connects and negotiates the version.
+    pub fn connect(path: &std::path::Path) -> RawClient {
+        let mut client = RawClient::bare(path);
         let mut payload = vec![0u8, 0, 0, 0]; // major 0, minor 0
         payload.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":1}}\0");
         let reply = client.request(1, &payload);
@@ -238,9 +244,18 @@ impl RawClient {
     }
 
     pub fn send(&mut self, command: u16, flags: u32, payload: &[u8]) -> u16 {
+        self.send_sized(
+            command,
+            flags,
+            (HEADER_SIZE + payload.len()) as u32,
+            payload,
+        )
+    }
+
+    /// Sends a message whose header claims `size` bytes, whatever the payload is.
+    pub fn send_sized(&mut self, command: u16, flags: u32, size: u32, payload: &[u8]) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let size = (HEADER_SIZE + payload.len()) as u32;
         let mut message = Vec::with_capacity(size as usize);
         message.extend_from_slice(&id.to_le_bytes());
         message.extend_from_slice(&command.to_le_bytes());
@@ -252,6 +267,19 @@ impl RawClient {
         id
     }
 
+    /// True when the server closed the connection (EOF within the read timeout).
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub fn receive(&mut self) -> RawReply {
         let mut header = [0u8; HEADER_SIZE];
         self.stream.read_exact(&mut header).expect("reply header");
@@ -259,6 +287,7 @@ impl RawClient {
         let mut payload = vec![0u8; size.saturating_sub(HEADER_SIZE)];
         self.stream.read_exact(&mut payload).expect("reply payload");
         RawReply {
+            id: u16::from_le_bytes([header[0], header[1]]),
             command: u16::from_le_bytes([header[2], header[3]]),
             flags: u32::from_le_bytes([header[8], header[9], header[10], header[11]]),
             error: u32::from_le_bytes([header[12], header[13], header[14], header[15]]),
