@@ -218,6 +218,7 @@ impl Rig {
         let console_path = run.file("console.log");
         let deadline = started + cfg.boot_timeout;
         let watch = |qemu: &mut ChildGuard| -> Result<()> {
+            crate::process::check_interrupted()?;
             if let Some(status) = qemu.try_status() {
                 bail!(
                     "QEMU exited during boot ({status}); its stderr:\n{}\nconsole tail:\n{}",
