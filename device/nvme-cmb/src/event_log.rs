@@ -38,6 +38,19 @@ struct LogInner {
     trace: Option<File>,
 }
 
+impl LogInner {
+    /// Events with `seq > since`, found by index: sequence numbers in the ring are
+    /// contiguous, so no scan of older events (the device thread waits on this lock).
+    fn after(&self, since: u64) -> impl Iterator<Item = &Event> {
+        let first = self.ring.front().map_or(self.last_seq + 1, |e| e.seq);
+        let skip = since.saturating_add(1).saturating_sub(first);
+        let start = usize::try_from(skip)
+            .unwrap_or(usize::MAX)
+            .min(self.ring.len());
+        self.ring.range(start..)
+    }
+}
+
 /// Every event the device records goes through here, in order.
 #[derive(Debug)]
 pub struct EventLog {
@@ -152,13 +165,7 @@ impl EventLog {
         let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
         // Events since+1 .. oldest-1 existed but are gone from the ring.
         let truncated = since.saturating_add(1) < oldest;
-        let events = inner
-            .ring
-            .iter()
-            .filter(|e| e.seq > since)
-            .take(limit)
-            .cloned()
-            .collect();
+        let events = inner.after(since).take(limit).cloned().collect();
         EventPage {
             events,
             last_seq: inner.last_seq,
@@ -189,12 +196,7 @@ impl EventLog {
         let mut inner = self.lock();
         let mut checked = since;
         loop {
-            if let Some(found) = inner
-                .ring
-                .iter()
-                .filter(|e| e.seq > checked)
-                .find(|e| matches(filter, e))
-            {
+            if let Some(found) = inner.after(checked).find(|e| matches(filter, e)) {
                 return (Some(found.clone()), inner.last_seq);
             }
             checked = checked.max(inner.last_seq);

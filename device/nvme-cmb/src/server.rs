@@ -251,6 +251,11 @@ impl Endpoint {
         let outcome = catch_unwind(AssertUnwindSafe(|| self.server.0.run(&mut backend)));
         match outcome {
             Ok(Ok(())) => {}
+            Ok(Err(e @ vfio_user::Error::SocketAccept(_))) => {
+                device.bad_request(format!("vfio-user accept failed: {e}"));
+                // Out of fds or similar: give the system a moment rather than spin.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             Ok(Err(e)) => device.bad_request(format!("vfio-user connection ended: {e}")),
             Err(_) => device.bad_request(
                 "vfio-user connection ended by a panic in the vfio_user crate".to_string(),
