@@ -87,16 +87,24 @@ pub enum AgentReply {
         kernel_release: String,
         agent_version: String,
     },
-    Pci { functions: Vec<String> },
+    Pci {
+        functions: Vec<String>,
+    },
     Done,
-    Device { device: u32 },
+    Device {
+        device: u32,
+    },
     Dmabuf {
         dmabuf: u32,
         /// Size of the dma-buf as the kernel reports it (lseek SEEK_END on the fd).
         size: u64,
     },
-    Value { value: u64 },
-    Text { text: String },
+    Value {
+        value: u64,
+    },
+    Text {
+        text: String,
+    },
     /// A VFIO region: VFIO_REGION_INFO_FLAG_* bits (1 read, 2 write, 4 mmap, 8 caps), its size
     /// and its offset in the device fd.
     Region {
