@@ -349,14 +349,31 @@ impl Device {
         drop(spawned);
     }
 
-    /// Starts a reset from outside an access (VFIO_USER_DEVICE_RESET).
+    /// Starts a reset from outside an access; a timer ends it.
     pub fn reset(self: &Arc<Self>, cause: ResetCause) {
-        let pending = {
-            let mut state = self.lock();
-            self.expire(&mut state, monotonic_ns());
-            self.begin_reset(&mut state, cause)
-        };
+        let pending = self.start_reset(cause);
         self.arm(pending);
+    }
+
+    /// Resets and returns only when the reset is over, as the VFIO_DEVICE_RESET ioctl does
+    /// (vfio_user: the reply to VFIO_USER_DEVICE_RESET). QEMU reads config space right after
+    /// the reply (vfio_pci_post_reset) and must see a live function: an all-ones interrupt
+    /// pin there makes QEMU 10.2 enable INTx without its timer and crash at the next reset.
+    pub fn reset_and_wait(self: &Arc<Self>, cause: ResetCause) {
+        let Some(pending) = self.start_reset(cause) else {
+            return;
+        };
+        std::thread::sleep(pending.after);
+        let mut state = self.lock();
+        if state.reset.is_some_and(|w| w.token == pending.token) {
+            self.finish_reset(&mut state);
+        }
+    }
+
+    fn start_reset(&self, cause: ResetCause) -> Option<PendingEnd> {
+        let mut state = self.lock();
+        self.expire(&mut state, monotonic_ns());
+        self.begin_reset(&mut state, cause)
     }
 
     /// Whether the access may reach the device; records a violation when not.
@@ -640,7 +657,7 @@ mod tests {
     #[test]
     fn timed_reset_ends_by_itself_and_reads_config_as_all_ones_meanwhile() {
         let d = device(50);
-        d.reset(ResetCause::VfioUser);
+        d.reset(ResetCause::Flr);
         let mut buf = [0u8; 4];
         d.region_read(REGION_CONFIG, 0, &mut buf).expect("read");
         assert_eq!(buf, [0xff; 4]);

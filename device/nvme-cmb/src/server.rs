@@ -81,7 +81,9 @@ impl ServerBackend for DeviceBackend {
     }
 
     fn reset(&mut self) -> io::Result<()> {
-        self.device.reset(ResetCause::VfioUser);
+        // The reply goes out when the reset is over. Keep --reset-ms below QEMU's
+        // x-msg-timeout (5000 ms by default) or QEMU gives up on the reply.
+        self.device.reset_and_wait(ResetCause::VfioUser);
         Ok(())
     }
 

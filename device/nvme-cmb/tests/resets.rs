@@ -201,14 +201,38 @@ fn timed_flr_reads_config_as_all_ones_and_records_accesses_as_violations() {
 }
 
 #[test]
-fn timed_vfio_user_reset_window_ends_on_its_own() {
+fn timed_vfio_user_reset_is_over_when_the_client_gets_the_reply() {
     let rig = rig_with_reset_ms(100);
     let mut client = rig.decoding_client();
+    let control = rig.control.clone();
+    // While the reply is pending the control socket sees the reset in progress.
+    let watcher = std::thread::spawn(move || {
+        let mut control = ControlClient::connect(&control);
+        eventually(|| {
+            matches!(
+                control.ok(p2prig_protocol::device::DeviceOp::Registers),
+                p2prig_protocol::device::DeviceReply::Registers(ref dump) if dump.in_reset.as_deref() == Some("vfio_user")
+            )
+        })
+    });
     client.reset().expect("reset");
-    assert!(rig.device.registers().in_reset.is_some());
-    assert_eq!(wait_reset_end(&rig), 1);
+    assert_eq!(
+        resets(&rig),
+        [("start", "vfio_user".into()), ("end", "vfio_user".into())],
+        "reset_end recorded before the reply"
+    );
     assert!(rig.device.registers().in_reset.is_none());
+    // QEMU reads config space right after the reply (vfio_pci_post_reset).
+    assert_eq!(
+        read32(&mut client, CONFIG, 0x3c) >> 8 & 0xff,
+        0,
+        "interrupt pin"
+    );
     assert_eq!(read32(&mut client, CONFIG, 0x00), 0xc0b2_1b36);
+    assert!(
+        watcher.join().expect("watcher"),
+        "in_reset seen during the reset"
+    );
 }
 
 #[test]
