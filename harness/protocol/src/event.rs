@@ -79,3 +79,57 @@ impl EventKind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_is_the_serialised_kind_tag() {
+        let kinds = [
+            EventKind::Bar {
+                access: Access::Write,
+                bar: 0,
+                offset: 0x1000,
+                size: 4,
+                value: Some(1),
+                data: None,
+            },
+            EventKind::ConfigWrite {
+                offset: 4,
+                size: 2,
+                value: 6,
+            },
+            EventKind::Decode { enabled: true },
+            EventKind::ResetStart {
+                cause: "flr".into(),
+            },
+            EventKind::ResetEnd {
+                cause: "flr".into(),
+            },
+            EventKind::Violation {
+                reason: "decode_off".into(),
+                access: Access::Read,
+                bar: 2,
+                offset: 0,
+                size: 8,
+                value: None,
+            },
+            EventKind::Client { connected: true },
+            EventKind::BadRequest { detail: "x".into() },
+            EventKind::PowerState { state: 3 },
+        ];
+        for kind in kinds {
+            let event = Event {
+                seq: 1,
+                mono_ns: 2,
+                generation: 0,
+                kind,
+            };
+            let json = serde_json::to_value(&event).expect("serialises");
+            assert_eq!(json["kind"], event.kind.name());
+            let back: Event = serde_json::from_value(json).expect("parses back");
+            assert_eq!(back, event);
+        }
+    }
+}
