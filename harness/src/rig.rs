@@ -53,15 +53,17 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates target/p2prig/runs/<id>/ with mode 0700 (sockets live there).
+    /// Creates target/p2prig/runs/<UTC time>-<pid>-<label>/ with mode 0700 (sockets live there).
     pub fn create(label: &str) -> Result<Self> {
-        let stamp = std::time::SystemTime::now()
+        let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let path = crate::paths::output_root()
-            .join("runs")
-            .join(format!("{stamp}-{}-{label}", std::process::id()));
+        let path = crate::paths::output_root().join("runs").join(format!(
+            "{}-{}-{label}",
+            utc_stamp(secs),
+            std::process::id()
+        ));
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -340,6 +342,28 @@ fn wait_for_paths(
     Ok(())
 }
 
+/// "20261125-171230" for a Unix time, without a date crate (days-to-civil, proleptic
+/// Gregorian calendar).
+fn utc_stamp(unix_secs: u64) -> String {
+    let days = i64::try_from(unix_secs / 86_400).unwrap_or(0);
+    let rem = unix_secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn shell_quote(arg: &str) -> String {
     if arg
         .chars()
@@ -390,6 +414,13 @@ mod tests {
         let args = qemu_args(&cfg(Accel::Kvm), &run);
         let pos = args.iter().position(|a| a == "-cpu").expect("-cpu present");
         assert_eq!(args[pos + 1], "host");
+    }
+
+    #[test]
+    fn run_ids_use_utc_calendar_time() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000");
+        assert_eq!(utc_stamp(1_795_626_730), "20261125-171210");
     }
 
     #[test]
