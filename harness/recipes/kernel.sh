@@ -39,7 +39,7 @@ recipes=${P2PRIG_RECIPES:-$here}
 src=$work/src
 build=$work/build
 
-for tool in git make gcc flex bison bc xz tar sha256sum awk; do
+for tool in git make gcc flex bison bc xz tar sha256sum awk flock cmp; do
   command -v "$tool" >/dev/null ||
     die "'$tool' is missing on this host" "install the kernel build dependencies (p2prig doctor / ci/install-deps.sh)"
 done
@@ -52,7 +52,7 @@ verified() { [ -f "$1" ] && echo "$2  $1" | sha256sum -c --status; }
 
 git_src() {
   git -C "$src" -c user.name="p2prig" -c user.email="p2prig@localhost" \
-      -c commit.gpgsign=false -c core.hooksPath=/dev/null -c advice.mergeConflict=false "$@"
+      -c commit.gpgsign=false -c core.hooksPath=/dev/null -c advice.mergeConflict=false -c advice.amWorkDir=false "$@"
 }
 
 # ---------------------------------------------------------------------------------------
