@@ -45,7 +45,8 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     trace: PathBuf,
 
-    /// Number of queue pairs with doorbells (SQyTDBL at 0x1000 + 8y, CQyHDBL at +4).
+    /// Number of queue pairs with doorbells, 1 to 1536 (SQyTDBL at 0x1000 + 8y, CQyHDBL at
+    /// +4).
     #[arg(long, default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=MAX_QUEUE_PAIRS as i64))]
     queues: u32,
@@ -59,12 +60,15 @@ struct Cli {
     cmb_mode: CmbModeArg,
 
     /// How long every reset lasts, in ms: config reads return all-ones and BAR accesses
-    /// are violations until it ends.
-    #[arg(long, default_value_t = 0, value_name = "MS")]
+    /// are violations until it ends. VFIO_USER_DEVICE_RESET is answered when the reset is
+    /// over, so keep this below QEMU's x-msg-timeout (5000 ms by default).
+    #[arg(long, default_value_t = 0, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
     reset_ms: u64,
 
     /// Delay from CC.EN 0 -> 1 to CSTS.RDY 1, in ms.
-    #[arg(long, default_value_t = 0, value_name = "MS")]
+    #[arg(long, default_value_t = 0, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
     rdy_delay_ms: u64,
 
     /// Events kept in memory for control-socket queries (the trace file keeps all).
