@@ -24,6 +24,7 @@ keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 
 cat >"$state/sources.list" <<LIST
 deb-src [signed-by=$keyring] $uri sid main
+deb-src [signed-by=$keyring] $uri trixie main
 deb [signed-by=$keyring] $uri trixie-backports main
 deb [signed-by=$keyring] $uri bookworm main
 deb [signed-by=$keyring] ${uri%/debian}/debian-security bookworm-security main

@@ -5,28 +5,31 @@ mod accel;
 mod cache;
 mod client;
 mod console;
+mod export_args;
 mod image;
 mod kernel;
 mod paths;
 mod process;
 mod qemu;
+mod rdma_core;
 mod recipe;
 mod report;
 mod rig;
+mod runner;
+mod scenario;
 mod smoke;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use accel::AccelChoice;
 use cache::Cache;
 use kernel::FlavorSpec;
-use report::Suite;
-use rig::{Accel, Rig, RigConfig, RunDir};
+use rig::{RigConfig, RunDir};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,9 +61,11 @@ enum BuildWhat {
     Qemu,
     /// A guest kernel: FLAVOR[:tiny|debug], e.g. v1 or v1:debug.
     Kernel { spec: FlavorSpec },
-    /// The initramfs with the guest agent as /init.
+    /// libibverbs and the rxe provider (rdma-core with guest-image/rdma-core/*.patch).
+    RdmaCore,
+    /// The initramfs with the guest agent as /init, libibverbs and the rxe provider.
     Image,
-    /// QEMU, the initramfs and the given kernels (default: v1).
+    /// QEMU, rdma-core, the initramfs and the given kernels (default: v1).
     All {
         #[arg(long = "kernel", default_value = "v1")]
         kernels: Vec<FlavorSpec>,
@@ -69,16 +74,19 @@ enum BuildWhat {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Kernel flavor[:variant] to boot.
-    #[arg(long, default_value = "v1")]
-    kernel: FlavorSpec,
-    /// Scenario to run.
-    #[arg(long, default_value = "smoke")]
+    /// Kernel flavor[:variant] to boot; repeat for several (each gets its own boot).
+    #[arg(long = "kernel", default_value = "v1")]
+    kernels: Vec<FlavorSpec>,
+    /// Scenarios to run: a name, a glob (`revoke-*`) or a comma-separated list.
+    #[arg(long, default_value = "*")]
     scenario: String,
+    /// Count every failure, including those expected on a flavor (known defects).
+    #[arg(long)]
+    strict: bool,
     /// Accelerator: auto probes KVM once and falls back to TCG.
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
-    /// Write JUnit XML here (always also written into the run directory).
+    /// Also write JUnit XML here (it is always written into the run directory).
     #[arg(long)]
     junit: Option<PathBuf>,
     /// Seconds the guest gets to boot to a ready agent.
@@ -88,11 +96,6 @@ struct RunArgs {
     #[arg(long, default_value_t = 1024)]
     memory: u32,
 }
-
-const SCENARIOS: &[(&str, &str)] = &[(
-    "smoke",
-    "export BAR0's doorbell page as a dma-buf (size 4096), an unaligned slice is EINVAL, a guest write of 5 to SQ0TDBL lands exactly once in nvme-cmb",
-)];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -123,9 +126,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 BuildWhat::Kernel { spec } => {
                     println!("{}", kernel::build(&cache, &spec)?.bzimage.display())
                 }
+                BuildWhat::RdmaCore => println!("{}", rdma_core::build(&cache)?.dir.display()),
                 BuildWhat::Image => println!("{}", image::build(&cache)?.initramfs.display()),
                 BuildWhat::All { kernels } => {
                     println!("qemu    {}", qemu::build(&cache)?.binary.display());
+                    println!("rdma    {}", rdma_core::build(&cache)?.dir.display());
                     for spec in &kernels {
                         println!(
                             "kernel  {spec:<16} {}",
@@ -140,8 +145,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::List => {
             println!("scenarios:");
-            for (name, what) in SCENARIOS {
-                println!("  {name:<12} {what}");
+            for s in scenario::SCENARIOS {
+                println!("  {:<24} {}", s.name, s.summary);
+                for flavor in kernel::flavor_names()? {
+                    if let scenario::Expect::Fail(why) = (s.expect)(&flavor) {
+                        println!("  {:<24}   expected to fail on {flavor}: {why}", "");
+                    }
+                }
             }
             println!("kernel flavors (each FLAVOR:tiny or FLAVOR:debug):");
             for name in kernel::flavor_names()? {
@@ -157,92 +167,64 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
-    if !SCENARIOS.iter().any(|(name, _)| *name == args.scenario) {
-        let known: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
-        bail!(
-            "unknown scenario `{}`; known: {}",
-            args.scenario,
-            known.join(", ")
-        );
-    }
+    let scenarios = scenario::select(&args.scenario)?;
     let qemu = qemu::build(cache)?;
-    let kernel = kernel::build(cache, &args.kernel)?;
     let image = image::build(cache)?;
-    let accel = accel::resolve(args.accel, cache, &qemu.binary, &kernel.bzimage)?;
-    let cfg = RigConfig {
-        qemu: qemu.binary,
-        bzimage: kernel.bzimage.clone(),
-        initramfs: Some(image.initramfs),
-        nvme_cmb: paths::workspace_binary("nvme-cmb")?,
-        accel,
-        memory_mib: args.memory,
-        boot_timeout: Duration::from_secs(args.boot_timeout),
-        extra_cmdline: String::new(),
+    let first_kernel = kernel::build(cache, &args.kernels[0])?;
+    let accel = accel::resolve(args.accel, cache, &qemu.binary, &first_kernel.bzimage)?;
+    let plan = runner::RunPlan {
+        kernels: args.kernels.clone(),
+        scenarios,
+        strict: args.strict,
+        rig: RigConfig {
+            qemu: qemu.binary,
+            bzimage: first_kernel.bzimage,
+            initramfs: Some(image.initramfs),
+            nvme_cmb: paths::workspace_binary("nvme-cmb")?,
+            accel,
+            memory_mib: args.memory,
+            boot_timeout: Duration::from_secs(args.boot_timeout),
+            extra_cmdline: String::new(),
+        },
     };
-    let run_dir = RunDir::create(&args.scenario)?;
-    println!("run directory: {}", run_dir.path.display());
-    println!("booting {} under {} ...", args.kernel, accel.name());
-    let mut suite = Suite::new(&format!("{} {}", args.scenario, args.kernel));
-    let boot_started = Instant::now();
-    let outcome = Rig::boot(&cfg, &run_dir).and_then(|mut rig| {
-        suite.record(
-            "boot-to-agent-ready",
-            true,
-            format!(
-                "{:.1} s under {}",
-                rig.boot_time.as_secs_f64(),
-                accel_label(accel)
-            ),
-            rig.boot_time,
-        );
-        let result = smoke::run(&mut rig, kernel.uapi, &mut suite);
-        let console_text = std::fs::read_to_string(rig.console_path()).unwrap_or_default();
-        if let Some(excerpt) = console::report_excerpt(&console_text) {
-            suite.record("guest-console-clean", false, excerpt, Duration::ZERO);
-        } else {
-            suite.record("guest-console-clean", true, "", Duration::ZERO);
-        }
-        rig.shutdown()?;
-        result
-    });
-    if let Err(e) = &outcome {
-        // Ctrl-C also reaches QEMU through the terminal, so whatever failed after it is a
-        // consequence of the interruption, not a finding.
-        process::check_interrupted()?;
-        suite.record(
-            "scenario-completed",
-            false,
-            format!("{e:#}"),
-            boot_started.elapsed(),
-        );
-    }
-    suite.write_junit(&run_dir.file("junit.xml"))?;
+    let label = args
+        .scenario
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+    let top = RunDir::create(&label)?;
+    println!("run directory: {}", top.path.display());
+    let report = runner::run(cache, &plan, &top)?;
+    report.write_junit(&top.file("junit.xml"))?;
+    report.write_json(&top.file("results.json"))?;
     if let Some(path) = &args.junit {
-        suite.write_junit(path)?;
+        report.write_junit(path)?;
     }
-    let failures = suite.failures();
+    for boot in &report.boots {
+        println!(
+            "boot {} under {}: {} after {:.1} s",
+            boot.flavor,
+            boot.accel,
+            if boot.ok { "agent ready" } else { "FAILED" },
+            boot.to_agent_ready.as_secs_f64()
+        );
+    }
+    println!("\n{}", report.table());
+    let mismatches = report.results.iter().filter(|r| !r.verdict.is_ok()).count();
     println!(
-        "{}: {} checks, {} failed; artifacts in {}",
-        suite.name,
-        suite.checks.len(),
-        failures,
-        run_dir.path.display()
+        "{} results, {mismatches} not as expected; artifacts in {}",
+        report.results.len(),
+        top.path.display()
     );
-    Ok(if failures == 0 {
+    Ok(if report.all_match() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-fn accel_label(accel: Accel) -> &'static str {
-    accel.name()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyhow::Context;
+    use anyhow::{bail, Context};
     use clap::CommandFactory;
 
     #[test]
@@ -251,13 +233,14 @@ mod tests {
     }
 
     #[test]
-    fn run_defaults_to_v1_smoke_auto() -> Result<()> {
+    fn run_defaults_to_every_scenario_on_v1_auto() -> Result<()> {
         let cli = Cli::try_parse_from(["p2prig", "run"]).context("parses")?;
         let Cmd::Run(args) = cli.command else {
             bail!("not run")
         };
-        assert_eq!(args.kernel.to_string(), "v1:tiny");
-        assert_eq!(args.scenario, "smoke");
+        assert_eq!(args.kernels.len(), 1);
+        assert_eq!(args.kernels[0].to_string(), "v1:tiny");
+        assert_eq!(args.scenario, "*");
         assert_eq!(args.accel, AccelChoice::Auto);
         Ok(())
     }

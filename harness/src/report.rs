@@ -1,35 +1,30 @@
-//! Check results: PASS/FAIL lines on the terminal and JUnit XML.
+//! Results: PASS/FAIL lines as checks run, the scenario x flavor table, JUnit XML and JSON.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use serde::Serialize;
 
-#[derive(Debug, Clone)]
+use crate::scenario::{Expect, Verdict};
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub name: String,
     pub passed: bool,
     pub detail: String,
+    #[serde(serialize_with = "secs")]
     pub duration: Duration,
 }
 
-/// The checks of one scenario run on one kernel.
-#[derive(Debug, Clone)]
+/// The checks of one scenario run on one kernel, printed as they are recorded.
+#[derive(Debug, Clone, Default)]
 pub struct Suite {
-    pub name: String,
     pub checks: Vec<Check>,
 }
 
 impl Suite {
-    pub fn new(name: &str) -> Self {
-        Self {
-            name: name.to_string(),
-            checks: Vec::new(),
-        }
-    }
-
-    /// Records and prints one check.
     pub fn record(
         &mut self,
         name: &str,
@@ -40,9 +35,9 @@ impl Suite {
         let detail = detail.into();
         let word = if passed { "PASS" } else { "FAIL" };
         if detail.is_empty() {
-            println!("{word} {name}");
+            println!("    {word} {name}");
         } else {
-            println!("{word} {name}: {detail}");
+            println!("    {word} {name}: {detail}");
         }
         self.checks.push(Check {
             name: name.to_string(),
@@ -55,46 +50,164 @@ impl Suite {
     pub fn failures(&self) -> usize {
         self.checks.iter().filter(|c| !c.passed).count()
     }
-
-    pub fn write_junit(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, junit_xml(std::slice::from_ref(self)))
-            .with_context(|| format!("writing JUnit XML to {}", path.display()))
-    }
 }
 
-pub fn junit_xml(suites: &[Suite]) -> String {
-    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
-    for suite in suites {
-        let time: f64 = suite.checks.iter().map(|c| c.duration.as_secs_f64()).sum();
-        let _ = writeln!(
-            xml,
-            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" time=\"{time:.3}\">",
-            escape(&suite.name),
-            suite.checks.len(),
-            suite.failures()
-        );
-        for check in &suite.checks {
-            let _ = write!(
-                xml,
-                "    <testcase classname=\"{}\" name=\"{}\" time=\"{:.3}\"",
-                escape(&suite.name),
-                escape(&check.name),
-                check.duration.as_secs_f64()
-            );
-            if check.passed {
-                xml.push_str("/>\n");
-            } else {
-                let _ = writeln!(
-                    xml,
-                    ">\n      <failure message=\"{}\"/>\n    </testcase>",
-                    escape(&check.detail)
-                );
+/// One scenario on one kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    pub flavor: String,
+    #[serde(flatten)]
+    pub expect: Expect,
+    pub passed: bool,
+    pub verdict: Verdict,
+    /// Why it was skipped, or what failed (first failed check).
+    pub note: String,
+    pub checks: Vec<Check>,
+    #[serde(serialize_with = "secs")]
+    pub duration: Duration,
+    pub run_dir: PathBuf,
+}
+
+/// A boot of the rig.
+#[derive(Debug, Clone, Serialize)]
+pub struct Boot {
+    pub flavor: String,
+    pub accel: String,
+    pub ok: bool,
+    #[serde(serialize_with = "secs")]
+    pub to_agent_ready: Duration,
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub strict: bool,
+    pub boots: Vec<Boot>,
+    pub results: Vec<ScenarioResult>,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+impl RunReport {
+    pub fn all_match(&self) -> bool {
+        self.results.iter().all(|r| r.verdict.is_ok())
+    }
+
+    /// Rows are scenarios, columns flavors.
+    pub fn table(&self) -> String {
+        let mut flavors: Vec<&str> = Vec::new();
+        let mut scenarios: Vec<&str> = Vec::new();
+        for r in &self.results {
+            if !flavors.contains(&r.flavor.as_str()) {
+                flavors.push(&r.flavor);
+            }
+            if !scenarios.contains(&r.scenario.as_str()) {
+                scenarios.push(&r.scenario);
             }
         }
-        xml.push_str("  </testsuite>\n");
+        let first = scenarios.iter().map(|s| s.len()).max().unwrap_or(8).max(8);
+        let width = flavors.iter().map(|f| f.len()).max().unwrap_or(0).max(13);
+        let mut out = format!("{:<first$}", "scenario");
+        for f in &flavors {
+            let _ = write!(out, "  {f:<width$}");
+        }
+        out.push('\n');
+        for s in &scenarios {
+            let _ = write!(out, "{s:<first$}");
+            for f in &flavors {
+                let cell = self
+                    .results
+                    .iter()
+                    .find(|r| r.scenario == *s && r.flavor == *f)
+                    .map(|r| r.verdict.label())
+                    .unwrap_or("-");
+                let _ = write!(out, "  {cell:<width$}");
+            }
+            out.push('\n');
+        }
+        out
     }
-    xml.push_str("</testsuites>\n");
-    xml
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn write_junit(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.junit_xml())
+            .with_context(|| format!("writing JUnit XML to {}", path.display()))
+    }
+
+    /// One testsuite per flavor, one testcase per scenario; only a mismatch is a failure.
+    pub fn junit_xml(&self) -> String {
+        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
+        let mut flavors: Vec<&str> = self.results.iter().map(|r| r.flavor.as_str()).collect();
+        flavors.dedup();
+        for flavor in flavors {
+            let cases: Vec<&ScenarioResult> =
+                self.results.iter().filter(|r| r.flavor == flavor).collect();
+            let failures = cases
+                .iter()
+                .filter(|r| r.verdict == Verdict::Mismatch)
+                .count();
+            let skipped = cases
+                .iter()
+                .filter(|r| r.verdict == Verdict::Skipped)
+                .count();
+            let time: f64 = cases.iter().map(|r| r.duration.as_secs_f64()).sum();
+            let _ = writeln!(
+                xml,
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{time:.3}\">",
+                escape(flavor),
+                cases.len()
+            );
+            for r in cases {
+                let _ = write!(
+                    xml,
+                    "    <testcase classname=\"{}\" name=\"{}\" time=\"{:.3}\">",
+                    escape(flavor),
+                    escape(&r.scenario),
+                    r.duration.as_secs_f64()
+                );
+                match (r.verdict, r.expect) {
+                    (Verdict::Mismatch, expect) => {
+                        let wanted = match expect {
+                            Expect::Pass => "expected to pass".to_string(),
+                            Expect::Fail(why) => format!("expected to fail ({why}) but passed"),
+                        };
+                        let _ = write!(
+                            xml,
+                            "\n      <failure message=\"{}: {}\"/>\n    ",
+                            escape(&wanted),
+                            escape(&r.note)
+                        );
+                    }
+                    (Verdict::ExpectedFail, Expect::Fail(why)) => {
+                        let _ = write!(
+                            xml,
+                            "\n      <system-out>reproduced: {}</system-out>\n    ",
+                            escape(why)
+                        );
+                    }
+                    (Verdict::Skipped, _) => {
+                        let _ = write!(
+                            xml,
+                            "\n      <skipped message=\"{}\"/>\n    ",
+                            escape(&r.note)
+                        );
+                    }
+                    _ => {}
+                }
+                xml.push_str("</testcase>\n");
+            }
+            xml.push_str("  </testsuite>\n");
+        }
+        xml.push_str("</testsuites>\n");
+        xml
+    }
 }
 
 fn escape(text: &str) -> String {
@@ -107,7 +220,7 @@ fn escape(text: &str) -> String {
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
             c if (c as u32) < 0x20 && c != '\n' && c != '\t' => {
-                out.push_str(&format!("&#x{:x};", c as u32))
+                let _ = write!(out, "&#x{:x};", c as u32);
             }
             c => out.push(c),
         }
@@ -119,15 +232,65 @@ fn escape(text: &str) -> String {
 mod tests {
     use super::*;
 
+    fn result(scenario: &str, flavor: &str, expect: Expect, passed: bool) -> ScenarioResult {
+        ScenarioResult {
+            scenario: scenario.into(),
+            flavor: flavor.into(),
+            expect,
+            passed,
+            verdict: Verdict::judge(expect, passed, false),
+            note: if passed {
+                String::new()
+            } else {
+                "doorbell <x> & \"y\"".into()
+            },
+            checks: Vec::new(),
+            duration: Duration::from_millis(1500),
+            run_dir: PathBuf::from("/r"),
+        }
+    }
+
+    fn report() -> RunReport {
+        RunReport {
+            strict: false,
+            boots: Vec::new(),
+            results: vec![
+                result("smoke", "v1:tiny", Expect::Pass, true),
+                result("revoke-on-flr", "v1:tiny", Expect::Fail("B1"), false),
+                result("smoke", "v1-fixed:tiny", Expect::Pass, false),
+            ],
+        }
+    }
+
     #[test]
-    fn junit_counts_failures_and_escapes_text() {
-        let mut suite = Suite::new("smoke v1:tiny");
-        suite.record("a", true, "", Duration::from_millis(5));
-        suite.record("b <x>", false, "got \"7\" & more", Duration::from_millis(5));
-        let xml = junit_xml(&[suite]);
-        assert!(xml.contains("tests=\"2\" failures=\"1\""));
-        assert!(xml.contains("name=\"b &lt;x&gt;\""));
-        assert!(xml.contains("message=\"got &quot;7&quot; &amp; more\""));
-        assert_eq!(xml.matches("<testcase").count(), 2);
+    fn junit_fails_only_mismatches_and_escapes_text() {
+        let xml = report().junit_xml();
+        assert_eq!(xml.matches("<testsuite ").count(), 2);
+        assert!(xml.contains("name=\"v1:tiny\" tests=\"2\" failures=\"0\""));
+        assert!(xml.contains("name=\"v1-fixed:tiny\" tests=\"1\" failures=\"1\""));
+        assert!(xml.contains("reproduced: B1"));
+        assert!(xml.contains("doorbell &lt;x&gt; &amp; &quot;y&quot;"));
+    }
+
+    #[test]
+    fn table_has_a_cell_per_scenario_and_flavor() {
+        let table = report().table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].contains("v1:tiny") && lines[0].contains("v1-fixed:tiny"));
+        assert!(
+            lines[1].starts_with("smoke")
+                && lines[1].contains("pass")
+                && lines[1].contains("MISMATCH")
+        );
+        assert!(lines[2].contains("expected-fail") && lines[2].trim_end().ends_with('-'));
+    }
+
+    #[test]
+    fn json_carries_expectation_and_verdict() -> Result<()> {
+        let text = serde_json::to_string(&report())?;
+        assert!(text.contains("\"expect\":\"fail\",\"reason\":\"B1\""));
+        assert!(text.contains("\"verdict\":\"expected_fail\""));
+        Ok(())
     }
 }

@@ -46,34 +46,73 @@ pub struct RigConfig {
     pub extra_cmdline: String,
 }
 
-/// Paths inside a run directory.
+/// Longest socket path we create: sun_path holds 108 bytes including the NUL.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Paths inside a run directory. Sockets live there too, unless the directory's path is too
+/// long for a unix socket; then they go to a private (0700) temporary directory that lives as
+/// long as this value.
 #[derive(Debug, Clone)]
 pub struct RunDir {
     pub path: PathBuf,
+    sockets: PathBuf,
+    _short_socket_dir: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 impl RunDir {
-    /// Creates target/p2prig/runs/<UTC time>-<pid>-<label>/ with mode 0700 (sockets live there).
+    /// Creates target/p2prig/runs/<UTC time>-<pid>-<label>/ with mode 0700.
     pub fn create(label: &str) -> Result<Self> {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let path = crate::paths::output_root().join("runs").join(format!(
+        Self::at(crate::paths::output_root().join("runs").join(format!(
             "{}-{}-{label}",
             utc_stamp(secs),
             std::process::id()
-        ));
+        )))
+    }
+
+    /// A private subdirectory (one per kernel of a run, one per boot).
+    pub fn subdir(&self, name: &str) -> Result<Self> {
+        Self::at(self.path.join(name))
+    }
+
+    fn at(path: PathBuf) -> Result<Self> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&path)
             .with_context(|| format!("creating the run directory {}", path.display()))?;
-        Ok(Self { path })
+        let longest = path.join("nvme-cmb.control.sock");
+        if longest.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Ok(Self {
+                sockets: path.clone(),
+                path,
+                _short_socket_dir: None,
+            });
+        }
+        let short = tempfile::Builder::new()
+            .prefix("p2prig-")
+            .tempdir()
+            .context("creating a short private directory for sockets")?;
+        fs::write(
+            path.join("sockets-dir"),
+            format!("{}\n", short.path().display()),
+        )?;
+        Ok(Self {
+            sockets: short.path().to_path_buf(),
+            path,
+            _short_socket_dir: Some(std::sync::Arc::new(short)),
+        })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.sockets.join(name)
     }
 }
 
@@ -105,7 +144,7 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
     }
     let vfio_user = format!(
         r#"{{"driver":"vfio-user-pci","id":"nvme0","bus":"dp0","addr":"0","socket":{{"path":"{}","type":"unix"}}}}"#,
-        run.file("nvme-cmb.sock").display()
+        run.socket("nvme-cmb.sock").display()
     );
     let mut args: Vec<String> = [
         "-nodefaults",
@@ -159,12 +198,15 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "-chardev".into(),
         format!(
             "socket,id=agent,path={},server=on,wait=off",
-            run.file("agent.sock").display()
+            run.socket("agent.sock").display()
         ),
         "-device".into(),
         "virtserialport,bus=vser0.0,chardev=agent,name=p2prig.agent".into(),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", run.file("qmp.sock").display()),
+        format!(
+            "unix:{},server=on,wait=off",
+            run.socket("qmp.sock").display()
+        ),
     ]);
     if let Some(initrd) = &cfg.initramfs {
         args.extend(["-initrd".into(), initrd.display().to_string()]);
@@ -177,9 +219,9 @@ impl Rig {
         let mut nvme_cmd = Command::new(&cfg.nvme_cmb);
         nvme_cmd
             .arg("--socket")
-            .arg(run.file("nvme-cmb.sock"))
+            .arg(run.socket("nvme-cmb.sock"))
             .arg("--control")
-            .arg(run.file("nvme-cmb.control.sock"))
+            .arg(run.socket("nvme-cmb.control.sock"))
             .arg("--trace")
             .arg(run.file("nvme-cmb.trace.jsonl"))
             .stdin(Stdio::null())
@@ -188,13 +230,16 @@ impl Rig {
         let mut nvme = ChildGuard::spawn("nvme-cmb", nvme_cmd, Group::Harness)?;
         wait_for_paths(
             &mut nvme,
-            &[run.file("nvme-cmb.sock"), run.file("nvme-cmb.control.sock")],
+            &[
+                run.socket("nvme-cmb.sock"),
+                run.socket("nvme-cmb.control.sock"),
+            ],
             Duration::from_secs(10),
             &run.file("nvme-cmb.log"),
         )?;
         let device = LineClient::connect(
             "nvme-cmb control",
-            &run.file("nvme-cmb.control.sock"),
+            &run.socket("nvme-cmb.control.sock"),
             Duration::from_secs(5),
         )?;
 
@@ -237,7 +282,7 @@ impl Rig {
             watch(&mut qemu)?;
             match LineClient::connect(
                 "guest agent",
-                &run.file("agent.sock"),
+                &run.socket("agent.sock"),
                 Duration::from_millis(200),
             ) {
                 Ok(c) => break c,
@@ -297,6 +342,11 @@ impl Rig {
         self.device
             .call(op, Duration::from_secs(10))?
             .map_err(|e| anyhow!("nvme-cmb refused {desc}: {e}"))
+    }
+
+    /// QEMU still runs and the console shows no crash: the next scenario can use this boot.
+    pub fn healthy(&mut self) -> bool {
+        self.qemu.try_status().is_none() && console::fatal_excerpt(&self.console).is_none()
     }
 
     pub fn console_path(&self) -> &Path {
@@ -394,7 +444,11 @@ mod tests {
 
     #[test]
     fn device_sits_behind_a_switch_downstream_port_with_shared_memfd_ram() {
-        let run = RunDir { path: "/r".into() };
+        let run = RunDir {
+            path: "/r".into(),
+            sockets: "/r".into(),
+            _short_socket_dir: None,
+        };
         let args = qemu_args(&cfg(Accel::Tcg), &run);
         let joined = args.join(" ");
         assert!(joined.contains("q35,accel=tcg,memory-backend=mem"));
@@ -410,10 +464,27 @@ mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu() {
-        let run = RunDir { path: "/r".into() };
+        let run = RunDir {
+            path: "/r".into(),
+            sockets: "/r".into(),
+            _short_socket_dir: None,
+        };
         let args = qemu_args(&cfg(Accel::Kvm), &run);
         let pos = args.iter().position(|a| a == "-cpu").expect("-cpu present");
         assert_eq!(args[pos + 1], "host");
+    }
+
+    #[test]
+    fn long_run_paths_get_short_private_socket_dirs() -> Result<()> {
+        let base = tempfile::tempdir()?;
+        let long = base.path().join("x".repeat(120));
+        let run = RunDir::at(long)?;
+        let sock = run.socket("nvme-cmb.control.sock");
+        assert!(sock.as_os_str().len() <= MAX_SOCKET_PATH + 25);
+        assert!(run.file("sockets-dir").exists());
+        let short = RunDir::at(base.path().join("r"))?;
+        assert_eq!(short.socket("a.sock"), short.file("a.sock"));
+        Ok(())
     }
 
     #[test]

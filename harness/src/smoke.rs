@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use p2prig_protocol::agent::{AgentOp, AgentReply, DmabufUapi};
+use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::{Access, Event, EventKind};
 
 use crate::report::Suite;
 use crate::rig::Rig;
+use crate::scenario::ScenarioEnv;
 
 const NVME_CLASS: u32 = 0x010802;
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,7 +23,8 @@ const EINVAL: i32 = 22;
 
 /// Runs the checks, recording each in `suite`. A failed step that later steps depend on
 /// ends the scenario early (recorded as a failure).
-pub fn run(rig: &mut Rig, uapi: DmabufUapi, suite: &mut Suite) -> Result<()> {
+pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    let uapi = env.uapi;
     let t = Instant::now();
     let AgentReply::Hello { kernel_release, .. } =
         expect(rig.agent_call(AgentOp::Hello, RPC_TIMEOUT)?, "hello")?

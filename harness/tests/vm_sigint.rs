@@ -4,7 +4,7 @@
 //! a plain `cargo test`; `make vm-sigint-test` (part of `make test`) runs it.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,18 @@ fn alive(pid: i32) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// The directory under `root` (depth first) that holds a file called `name`.
+fn find_file_dir(root: &Path, name: &str) -> Option<PathBuf> {
+    if root.join(name).is_file() {
+        return Some(root.to_path_buf());
+    }
+    let entries = std::fs::read_dir(root).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .find_map(|e| find_file_dir(&e.path(), name))
 }
 
 #[test]
@@ -50,12 +62,15 @@ fn sigint_during_boot_leaves_no_qemu_or_device_behind() {
         }
     };
     // The pids file is written once QEMU has been started: the guest is booting.
-    let pids_file = run_dir.join("pids");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !pids_file.exists() {
+    let boot_dir = loop {
+        if let Some(dir) = find_file_dir(&run_dir, "pids") {
+            break dir;
+        }
         assert!(Instant::now() < deadline, "p2prig never started QEMU");
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    let pids_file = boot_dir.join("pids");
     std::thread::sleep(Duration::from_millis(1500));
     let pids: Vec<(String, i32)> = std::fs::read_to_string(&pids_file)
         .expect("pids readable")

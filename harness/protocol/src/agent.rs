@@ -13,6 +13,59 @@ pub enum DmabufUapi {
     Upstream,
 }
 
+/// An access right of a memory region or of a QP's remote side (IBV_ACCESS_*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    LocalWrite,
+    RemoteWrite,
+    RemoteRead,
+    RemoteAtomic,
+}
+
+/// The work request opcodes the agent posts on a send queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendOpcode {
+    RdmaWrite,
+    RdmaRead,
+    Send,
+}
+
+fn default_port_access() -> Vec<Access> {
+    vec![Access::RemoteWrite, Access::RemoteRead, Access::RemoteAtomic]
+}
+fn default_mr_access() -> Vec<Access> {
+    vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead]
+}
+fn default_queue_depth() -> u32 {
+    16
+}
+fn default_cq_entries() -> u32 {
+    64
+}
+fn default_path_mtu() -> u32 {
+    1024
+}
+fn one() -> u8 {
+    1
+}
+fn default_min_rnr_timer() -> u8 {
+    12
+}
+fn default_timeout() -> u8 {
+    14
+}
+fn seven() -> u8 {
+    7
+}
+fn yes() -> bool {
+    true
+}
+fn one_u32() -> u32 {
+    1
+}
+
 /// A request to the guest agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -77,6 +130,169 @@ pub enum AgentOp {
     Dmesg,
     /// Flush and power the guest off. The agent answers `done` before powering off.
     PowerOff,
+
+    // Networking.
+    /// Set `addr`/`prefix` (IPv4) on `ifname` and bring it up (SIOCSIFADDR, SIOCSIFNETMASK,
+    /// SIOCSIFFLAGS IFF_UP).
+    NetUp {
+        ifname: String,
+        addr: String,
+        prefix: u8,
+    },
+    /// A permanent neighbour entry `ip` -> `mac` ("52:54:00:12:34:56") on `ifname`
+    /// (RTM_NEWNEIGH, NUD_PERMANENT, replacing an existing entry), so rxe's RTR needs no ARP.
+    NeighAdd {
+        ifname: String,
+        ip: String,
+        mac: String,
+    },
+    /// `rdma link add NAME type rxe netdev NETDEV` through RDMA netlink (RDMA_NLDEV_CMD_NEWLINK).
+    RdmaLinkAdd { name: String, netdev: String },
+
+    // RDMA verbs (libibverbs with the guest's rxe provider). Handles as for VFIO devices.
+    /// Open an RDMA device by name (e.g. "rxe0"); answers `rdma_context`.
+    RdmaOpen { name: String },
+    /// Close a device context; refused (EBUSY) while PDs or CQs of it are open.
+    RdmaClose { context: u32 },
+    /// The RoCE v2 GID of port 1 that holds an IPv4 address (::ffff:a.b.c.d) and its index,
+    /// found by type and value in the GID table; answers `gid`.
+    RdmaGid { context: u32 },
+    AllocPd { context: u32 },
+    /// Refused (EBUSY) while QPs or MRs of the PD are open.
+    DeallocPd { pd: u32 },
+    CreateCq {
+        context: u32,
+        #[serde(default = "default_cq_entries")]
+        entries: u32,
+    },
+    /// Refused (EBUSY) while a QP uses the CQ.
+    DestroyCq { cq: u32 },
+    /// An RC QP; answers `qp` with its number.
+    CreateQp {
+        pd: u32,
+        send_cq: u32,
+        recv_cq: u32,
+        #[serde(default = "default_queue_depth")]
+        max_send_wr: u32,
+        #[serde(default = "default_queue_depth")]
+        max_recv_wr: u32,
+    },
+    DestroyQp { qp: u32 },
+    /// RESET -> INIT on port 1, P_Key index 0, with these remote access rights.
+    QpInit {
+        qp: u32,
+        #[serde(default = "default_port_access")]
+        access: Vec<Access>,
+    },
+    /// INIT -> RTR towards the remote QP. `remote_gid` is an IPv6 address or an IPv4 one
+    /// (taken as ::ffff:a.b.c.d); `path_mtu` in bytes (256..4096); `gid_index` defaults to
+    /// the RoCE v2 IPv4 GID that `rdma_gid` finds.
+    QpRtr {
+        qp: u32,
+        remote_qpn: u32,
+        remote_psn: u32,
+        remote_gid: String,
+        #[serde(default = "default_path_mtu")]
+        path_mtu: u32,
+        #[serde(default)]
+        gid_index: Option<u32>,
+        #[serde(default = "one")]
+        max_dest_rd_atomic: u8,
+        #[serde(default = "default_min_rnr_timer")]
+        min_rnr_timer: u8,
+    },
+    /// RTR -> RTS with our send PSN.
+    QpRts {
+        qp: u32,
+        psn: u32,
+        #[serde(default = "default_timeout")]
+        timeout: u8,
+        #[serde(default = "seven")]
+        retry_cnt: u8,
+        #[serde(default = "seven")]
+        rnr_retry: u8,
+        #[serde(default = "one")]
+        max_rd_atomic: u8,
+    },
+    /// Any state -> RESET (e.g. to recover a QP in ERROR).
+    QpReset { qp: u32 },
+    /// ibv_query_qp: number, state and PSNs; answers `qp_state`.
+    QpQuery { qp: u32 },
+    /// Register `length` bytes of fresh zeroed agent memory; answers `mr`.
+    RegMr {
+        pd: u32,
+        length: u64,
+        #[serde(default = "default_mr_access")]
+        access: Vec<Access>,
+    },
+    /// ibv_reg_dmabuf_mr on an exported dma-buf handle; answers `mr` (addr = iova).
+    RegDmabufMr {
+        pd: u32,
+        dmabuf: u32,
+        offset: u64,
+        length: u64,
+        iova: u64,
+        #[serde(default = "default_mr_access")]
+        access: Vec<Access>,
+    },
+    DeregMr { mr: u32 },
+    /// Write bytes (hex) into an agent-memory MR at `offset`.
+    MrWrite { mr: u32, offset: u64, data: String },
+    /// Read `length` bytes of an agent-memory MR at `offset`; answers `bytes` (hex).
+    MrRead { mr: u32, offset: u64, length: u64 },
+    /// Post one work request with one local SGE (`mr`, `offset`, `length`; no SGE when `mr`
+    /// is absent, for zero-length operations). RDMA WRITE/READ use `remote_addr` and `rkey`.
+    PostSend {
+        qp: u32,
+        wr_id: u64,
+        opcode: SendOpcode,
+        #[serde(default)]
+        mr: Option<u32>,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        length: u32,
+        #[serde(default)]
+        remote_addr: u64,
+        #[serde(default)]
+        rkey: u32,
+        #[serde(default = "yes")]
+        signaled: bool,
+    },
+    /// Post one receive into (`mr`, `offset`, `length`).
+    PostRecv {
+        qp: u32,
+        wr_id: u64,
+        mr: u32,
+        #[serde(default)]
+        offset: u64,
+        length: u32,
+    },
+    /// Poll until `count` completions arrived or `timeout_ms` passed (0: poll once); answers
+    /// `completions` with what arrived, possibly fewer or none.
+    PollCq {
+        cq: u32,
+        #[serde(default = "one_u32")]
+        count: u32,
+        #[serde(default)]
+        timeout_ms: u64,
+    },
+}
+
+/// One work completion (struct ibv_wc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub wr_id: u64,
+    /// enum ibv_wc_status (0 success, 10 remote access error, 12 retry exceeded, ...).
+    pub status: u32,
+    /// ibv_wc_status_str() of it.
+    pub status_name: String,
+    pub vendor_err: u32,
+    /// enum ibv_wc_opcode (0 send, 1 rdma write, 2 rdma read, 128 recv, ...).
+    pub opcode: u32,
+    pub opcode_name: String,
+    pub byte_len: u32,
+    pub qp_num: u32,
 }
 
 /// Replies to [`AgentOp`]s.
@@ -112,6 +328,47 @@ pub enum AgentReply {
         flags: u32,
         size: u64,
         offset: u64,
+    },
+    RdmaContext {
+        context: u32,
+    },
+    Gid {
+        /// IPv6 notation, e.g. "::ffff:10.0.2.15".
+        gid: String,
+        index: u32,
+    },
+    Pd {
+        pd: u32,
+    },
+    Cq {
+        cq: u32,
+    },
+    Qp {
+        qp: u32,
+        qpn: u32,
+    },
+    QpState {
+        qpn: u32,
+        /// "reset", "init", "rtr", "rts", "sqd", "sqe", "error" or "unknown".
+        state: String,
+        sq_psn: u32,
+        rq_psn: u32,
+        dest_qpn: u32,
+    },
+    Mr {
+        mr: u32,
+        lkey: u32,
+        rkey: u32,
+        /// The address remote peers use (the buffer's virtual address, or the iova).
+        addr: u64,
+        length: u64,
+    },
+    Bytes {
+        /// Lower-case hex.
+        data: String,
+    },
+    Completions {
+        completions: Vec<Completion>,
     },
 }
 

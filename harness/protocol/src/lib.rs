@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod device;
 pub mod event;
+pub mod target;
 pub mod wire;
 
 pub use wire::{decode_line, encode_line, Reply, Request, WireError};

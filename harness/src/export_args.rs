@@ -1,0 +1,232 @@
+//! export-args: the export ioctl's argument checking. Valid slices (whole BAR, page-aligned
+//! slices of the registers and of the CMB) give dma-bufs of the requested size; every invalid
+//! argument gives EINVAL.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use p2prig_protocol::agent::{AgentOp, AgentReply};
+
+use crate::report::Suite;
+use crate::rig::Rig;
+use crate::scenario::{Expect, ScenarioEnv};
+
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+const NVME_CLASS: u32 = 0x010802;
+const PAGE: u64 = 0x1000;
+const EINVAL: i32 = 22;
+/// VFIO_PCI_ROM_REGION_INDEX and VFIO_PCI_CONFIG_REGION_INDEX.
+const ROM_INDEX: u32 = 6;
+const CONFIG_INDEX: u32 = 7;
+
+pub fn expect(flavor: &str) -> Expect {
+    match flavor {
+        "v1" | "v1-fixed" => Expect::Fail(
+            "B4: the seed's uAPI treats length 0 with a non-zero offset as a zero-size slice and \
+             exports an empty dma-buf (not among v1-fixes: upstream's range uAPI rejects it)",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
+/// One export attempt and what it must give.
+struct Case {
+    name: &'static str,
+    bar: u32,
+    offset: u64,
+    length: u64,
+    /// Some(size) for a valid slice, None when EINVAL is required.
+    want_size: Option<u64>,
+}
+
+pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    let device = open_nvme(rig)?;
+    let bar0 = region_size(rig, device, 0)?;
+    let cmb = region_size(rig, device, 2)?;
+    if bar0 < 4 * PAGE || cmb < 4 * PAGE {
+        bail!("nvme-cmb's BARs are smaller than expected: BAR0 {bar0:#x}, BAR2 {cmb:#x}");
+    }
+    let cases = [
+        Case {
+            name: "whole-bar0",
+            bar: 0,
+            offset: 0,
+            length: bar0,
+            want_size: Some(bar0),
+        },
+        Case {
+            name: "doorbell-page",
+            bar: 0,
+            offset: PAGE,
+            length: PAGE,
+            want_size: Some(PAGE),
+        },
+        Case {
+            name: "cmb-slice",
+            bar: 2,
+            offset: PAGE,
+            length: 2 * PAGE,
+            want_size: Some(2 * PAGE),
+        },
+        Case {
+            name: "whole-cmb",
+            bar: 2,
+            offset: 0,
+            length: cmb,
+            want_size: Some(cmb),
+        },
+        Case {
+            name: "unaligned-offset",
+            bar: 0,
+            offset: PAGE + 4,
+            length: PAGE,
+            want_size: None,
+        },
+        Case {
+            name: "unaligned-length",
+            bar: 0,
+            offset: PAGE,
+            length: PAGE / 2,
+            want_size: None,
+        },
+        Case {
+            name: "offset-past-end",
+            bar: 0,
+            offset: bar0,
+            length: PAGE,
+            want_size: None,
+        },
+        Case {
+            name: "length-overflow",
+            bar: 0,
+            offset: PAGE,
+            length: bar0,
+            want_size: None,
+        },
+        Case {
+            name: "length-wraps",
+            bar: 0,
+            offset: PAGE,
+            length: u64::MAX - PAGE + 1,
+            want_size: None,
+        },
+        Case {
+            name: "rom-index",
+            bar: ROM_INDEX,
+            offset: 0,
+            length: PAGE,
+            want_size: None,
+        },
+        Case {
+            name: "config-index",
+            bar: CONFIG_INDEX,
+            offset: 0,
+            length: PAGE,
+            want_size: None,
+        },
+        // BAR1 is the upper half of 64-bit BAR0 and BAR4 is not implemented: no resource.
+        Case {
+            name: "bar1-upper-half",
+            bar: 1,
+            offset: 0,
+            length: PAGE,
+            want_size: None,
+        },
+        Case {
+            name: "absent-bar4",
+            bar: 4,
+            offset: 0,
+            length: PAGE,
+            want_size: None,
+        },
+        Case {
+            name: "zero-length-at-offset",
+            bar: 0,
+            offset: PAGE,
+            length: 0,
+            want_size: None,
+        },
+    ];
+    for case in cases {
+        let started = Instant::now();
+        let op = AgentOp::DmabufExport {
+            device,
+            bar: case.bar,
+            offset: case.offset,
+            length: case.length,
+            uapi: env.uapi,
+        };
+        let args = format!(
+            "bar {} offset {:#x} length {:#x}",
+            case.bar, case.offset, case.length
+        );
+        let reply = rig.agent_call(op, RPC_TIMEOUT)?;
+        let (passed, detail) = match (&reply, case.want_size) {
+            (Ok(AgentReply::Dmabuf { size, .. }), Some(want)) => (
+                *size == want,
+                format!("{args}: dma-buf of {size} bytes, want {want}"),
+            ),
+            (Err(e), Some(want)) => (
+                false,
+                format!("{args}: want a {want}-byte dma-buf, got {e}"),
+            ),
+            (Err(e), None) => (
+                e.errno == EINVAL,
+                format!("{args}: errno {} ({})", e.errno, e.message),
+            ),
+            (Ok(AgentReply::Dmabuf { size, .. }), None) => (
+                false,
+                format!("{args}: want EINVAL, got a dma-buf of {size} bytes"),
+            ),
+            (Ok(other), _) => (false, format!("{args}: unexpected reply {other:?}")),
+        };
+        if let Ok(AgentReply::Dmabuf { dmabuf, .. }) = reply {
+            if let Err(e) = rig.agent_call(AgentOp::DmabufClose { dmabuf }, RPC_TIMEOUT)? {
+                bail!("closing the dma-buf of {args}: {e}");
+            }
+        }
+        suite.record(case.name, passed, detail, started.elapsed());
+    }
+    if let Err(e) = rig.agent_call(AgentOp::VfioClose { device }, RPC_TIMEOUT)? {
+        bail!("closing the VFIO device: {e}");
+    }
+    Ok(())
+}
+
+/// Binds and opens the rig's NVMe function (idempotent across scenarios of one boot).
+pub fn open_nvme(rig: &mut Rig) -> Result<u32> {
+    let functions = match rig.agent_call(AgentOp::FindPci { class: NVME_CLASS }, RPC_TIMEOUT)? {
+        Ok(AgentReply::Pci { functions }) => functions,
+        other => bail!("find_pci {NVME_CLASS:#08x}: {other:?}"),
+    };
+    let [bdf] = functions.as_slice() else {
+        bail!("expected exactly one NVMe function in the guest, found {functions:?}");
+    };
+    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC_TIMEOUT)? {
+        bail!("binding {bdf} to vfio-pci: {e}");
+    }
+    match rig.agent_call(AgentOp::VfioOpen { bdf: bdf.clone() }, RPC_TIMEOUT)? {
+        Ok(AgentReply::Device { device }) => Ok(device),
+        other => bail!("opening {bdf} through VFIO: {other:?}"),
+    }
+}
+
+fn region_size(rig: &mut Rig, device: u32, index: u32) -> Result<u64> {
+    match rig.agent_call(AgentOp::VfioRegion { device, index }, RPC_TIMEOUT)? {
+        Ok(AgentReply::Region { size, .. }) => Ok(size),
+        other => bail!("VFIO region {index} info: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_flavors_are_expected_to_show_b4_and_upstream_to_pass() {
+        assert!(matches!(expect("v1"), Expect::Fail(why) if why.starts_with("B4")));
+        assert!(matches!(expect("v1-fixed"), Expect::Fail(_)));
+        assert_eq!(expect("upstream"), Expect::Pass);
+    }
+}

@@ -1,0 +1,183 @@
+//! `p2prig run`: for each kernel, boot the rig once and run the selected scenarios in order,
+//! rebooting after a scenario that broke the guest; every scenario is judged against its
+//! expectation for that kernel.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::cache::Cache;
+use crate::console;
+use crate::kernel::{self, FlavorSpec};
+use crate::process;
+use crate::report::{Boot, RunReport, ScenarioResult, Suite};
+use crate::rig::{Rig, RigConfig, RunDir};
+use crate::scenario::{self, Scenario, ScenarioEnv, Verdict};
+
+#[derive(Debug)]
+pub struct RunPlan {
+    pub kernels: Vec<FlavorSpec>,
+    pub scenarios: Vec<&'static Scenario>,
+    pub strict: bool,
+    /// Everything but the kernel; filled in per flavor.
+    pub rig: RigConfig,
+}
+
+pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
+    let mut report = RunReport {
+        strict: plan.strict,
+        boots: Vec::new(),
+        results: Vec::new(),
+    };
+    let total = plan.kernels.len() * plan.scenarios.len();
+    let started = Instant::now();
+    let mut index = 0;
+    for spec in &plan.kernels {
+        let kernel = kernel::build(cache, spec)?;
+        let cfg = RigConfig {
+            bzimage: kernel.bzimage.clone(),
+            ..plan.rig.clone()
+        };
+        let env = ScenarioEnv { uapi: kernel.uapi };
+        let flavor_dir = top.subdir(&spec.to_string().replace(':', "-"))?;
+        let mut rig: Option<(Rig, RunDir)> = None;
+        let mut boots = 0;
+        let mut boot_failure: Option<String> = None;
+        for scenario in &plan.scenarios {
+            index += 1;
+            println!(
+                "[{index}/{total}] {spec} {} (elapsed {:.0} s)",
+                scenario.name,
+                started.elapsed().as_secs_f64()
+            );
+            let expect = (scenario.expect)(&spec.flavor);
+            let scenario_started = Instant::now();
+            let mut result = ScenarioResult {
+                scenario: scenario.name.to_string(),
+                flavor: spec.to_string(),
+                expect,
+                passed: false,
+                verdict: Verdict::Skipped,
+                note: String::new(),
+                checks: Vec::new(),
+                duration: Duration::ZERO,
+                run_dir: flavor_dir.path.clone(),
+            };
+            if rig.is_none() && boot_failure.is_none() {
+                boots += 1;
+                let dir = flavor_dir.subdir(&format!("boot-{boots}"))?;
+                println!(
+                    "    booting {spec} under {} (run directory {})",
+                    cfg.accel.name(),
+                    dir.path.display()
+                );
+                let boot_started = Instant::now();
+                match Rig::boot(&cfg, &dir) {
+                    Ok(r) => {
+                        println!(
+                            "    guest agent ready after {:.1} s",
+                            r.boot_time.as_secs_f64()
+                        );
+                        report
+                            .boots
+                            .push(boot_record(spec, &cfg, true, r.boot_time, &dir));
+                        rig = Some((r, dir));
+                    }
+                    Err(e) => {
+                        process::check_interrupted()?;
+                        report.boots.push(boot_record(
+                            spec,
+                            &cfg,
+                            false,
+                            boot_started.elapsed(),
+                            &dir,
+                        ));
+                        boot_failure = Some(format!("boot failed: {e:#}"));
+                    }
+                }
+            }
+            let mut suite = Suite::default();
+            match &mut rig {
+                Some((r, dir)) => {
+                    result.run_dir = dir.path.clone();
+                    let console_mark = console_len(r);
+                    let outcome = (scenario.run)(r, &env, &mut suite);
+                    process::check_interrupted()?;
+                    if let Err(e) = outcome {
+                        suite.record(
+                            "scenario-completed",
+                            false,
+                            format!("{e:#}"),
+                            scenario_started.elapsed(),
+                        );
+                    }
+                    let text = console_since(r, console_mark);
+                    match console::report_excerpt(&text) {
+                        Some(excerpt) => {
+                            suite.record("guest-console-clean", false, excerpt, Duration::ZERO)
+                        }
+                        None => suite.record("guest-console-clean", true, "", Duration::ZERO),
+                    }
+                    if !r.healthy() {
+                        println!("    the guest is gone or crashed; the next scenario reboots");
+                        rig = None;
+                    }
+                }
+                None => {
+                    let why = boot_failure.clone().unwrap_or_default();
+                    suite.record("boot", false, why, Duration::ZERO);
+                }
+            }
+            result.passed = suite.failures() == 0;
+            result.verdict = Verdict::judge(expect, result.passed, plan.strict);
+            result.note = suite
+                .checks
+                .iter()
+                .find(|c| !c.passed)
+                .map(|c| format!("{}: {}", c.name, c.detail))
+                .unwrap_or_default();
+            result.checks = suite.checks;
+            result.duration = scenario_started.elapsed();
+            println!(
+                "    => {} ({})",
+                result.verdict.label(),
+                expectation_text(&result)
+            );
+            report.results.push(result);
+        }
+        if let Some((r, _)) = rig.take() {
+            r.shutdown()?;
+        }
+    }
+    Ok(report)
+}
+
+fn expectation_text(r: &ScenarioResult) -> String {
+    match r.expect {
+        scenario::Expect::Pass => "expected to pass".into(),
+        scenario::Expect::Fail(why) => format!("expected to fail: {why}"),
+    }
+}
+
+fn boot_record(spec: &FlavorSpec, cfg: &RigConfig, ok: bool, took: Duration, dir: &RunDir) -> Boot {
+    Boot {
+        flavor: spec.to_string(),
+        accel: cfg.accel.name().to_string(),
+        ok,
+        to_agent_ready: took,
+        run_dir: dir.path.clone(),
+    }
+}
+
+fn console_len(rig: &Rig) -> u64 {
+    std::fs::metadata(rig.console_path())
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// The console output written since byte `mark`: reports in it belong to this scenario.
+fn console_since(rig: &Rig, mark: u64) -> String {
+    let bytes = std::fs::read(rig.console_path()).unwrap_or_default();
+    let start = usize::try_from(mark).unwrap_or(usize::MAX).min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}

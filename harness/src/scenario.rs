@@ -1,0 +1,181 @@
+//! The scenario registry: what each scenario checks, which kernels it is expected to fail on
+//! and why, and how an outcome is judged against that expectation.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use p2prig_protocol::agent::DmabufUapi;
+
+use crate::report::Suite;
+use crate::rig::Rig;
+
+/// What a scenario is expected to do on a flavor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "expect", content = "reason", rename_all = "snake_case")]
+pub enum Expect {
+    Pass,
+    /// Expected to fail, reproducing a known defect (the reason names it).
+    Fail(&'static str),
+}
+
+/// Everything a scenario knows about the kernel it runs on.
+#[derive(Debug, Clone)]
+pub struct ScenarioEnv {
+    pub uapi: DmabufUapi,
+}
+
+pub type RunFn = fn(&mut Rig, &ScenarioEnv, &mut Suite) -> Result<()>;
+
+#[derive(Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// Expected outcome per flavor name.
+    pub expect: fn(&str) -> Expect,
+    pub run: RunFn,
+}
+
+fn always_pass(_: &str) -> Expect {
+    Expect::Pass
+}
+
+/// Every scenario, in the order a run executes them.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "smoke",
+        summary: "BAR0's doorbell page exports as a 4096-byte dma-buf, an unaligned slice is \
+                  EINVAL, a guest write of 5 to SQ0TDBL lands exactly once in nvme-cmb",
+        expect: always_pass,
+        run: crate::smoke::run,
+    },
+    Scenario {
+        name: "export-args",
+        summary: "whole BARs and page-aligned slices export with the requested size; unaligned, \
+                  out-of-range, overflowing, ROM/config/absent-BAR and zero-length arguments give EINVAL",
+        expect: crate::export_args::expect,
+        run: crate::export_args::run,
+    },
+];
+
+/// Scenarios whose name matches `pattern` (`*` matches any run of characters; a comma
+/// separates alternatives).
+pub fn select(pattern: &str) -> Result<Vec<&'static Scenario>> {
+    let chosen: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| pattern.split(',').any(|p| glob_match(p.trim(), s.name)))
+        .collect();
+    if chosen.is_empty() {
+        let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+        bail!(
+            "no scenario matches `{pattern}`; known: {} (`p2prig list` describes them)",
+            known.join(", ")
+        );
+    }
+    Ok(chosen)
+}
+
+fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, rest)) => {
+            let Some(tail) = name.strip_prefix(head) else {
+                return false;
+            };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+/// How one scenario ran on one kernel, judged against its expectation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Expected to pass and passed.
+    Pass,
+    /// Expected to fail and failed: the known defect was reproduced.
+    ExpectedFail,
+    /// The outcome differs from the expectation (in either direction).
+    Mismatch,
+    /// Not run: the rig could not provide what it needs.
+    Skipped,
+}
+
+impl Verdict {
+    pub fn judge(expect: Expect, passed: bool, strict: bool) -> Self {
+        match (expect, passed) {
+            (Expect::Pass, true) => Verdict::Pass,
+            (Expect::Fail(_), false) if !strict => Verdict::ExpectedFail,
+            _ => Verdict::Mismatch,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::ExpectedFail => "expected-fail",
+            Verdict::Mismatch => "MISMATCH",
+            Verdict::Skipped => "skipped",
+        }
+    }
+
+    pub fn is_ok(self) -> bool {
+        matches!(
+            self,
+            Verdict::Pass | Verdict::ExpectedFail | Verdict::Skipped
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_whole_names() {
+        assert!(glob_match("revoke-*", "revoke-on-flr"));
+        assert!(glob_match("*", "smoke"));
+        assert!(glob_match("*-on-*", "revoke-on-d3"));
+        assert!(!glob_match("revoke-*", "smoke"));
+        assert!(!glob_match("smok", "smoke"));
+        assert!(glob_match("smoke", "smoke"));
+    }
+
+    #[test]
+    fn selecting_nothing_is_an_error_naming_the_known_scenarios() {
+        let err = select("nope-*")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("smoke"), "{err}");
+        assert!(select("smoke,nope").is_ok());
+    }
+
+    #[test]
+    fn verdicts_follow_expectations_in_both_directions() {
+        let defect = Expect::Fail("B1: no revoke on reset");
+        assert_eq!(Verdict::judge(Expect::Pass, true, false), Verdict::Pass);
+        assert_eq!(
+            Verdict::judge(Expect::Pass, false, false),
+            Verdict::Mismatch
+        );
+        assert_eq!(Verdict::judge(defect, false, false), Verdict::ExpectedFail);
+        assert_eq!(
+            Verdict::judge(defect, true, false),
+            Verdict::Mismatch,
+            "an unexpected pass is a mismatch"
+        );
+        assert_eq!(
+            Verdict::judge(defect, false, true),
+            Verdict::Mismatch,
+            "--strict counts every failure"
+        );
+    }
+
+    #[test]
+    fn scenario_names_are_unique() {
+        let mut names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SCENARIOS.len());
+    }
+}
