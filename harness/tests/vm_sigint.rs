@@ -108,11 +108,11 @@ fn sigint_during_boot_leaves_no_qemu_or_device_behind() {
         assert!(!alive(*pid), "{name} ({pid}) survived p2prig's SIGINT");
     }
     assert!(
-        run_dir.join("console.log").exists(),
+        boot_dir.join("console.log").exists(),
         "the run directory keeps the console log"
     );
     assert!(
-        run_dir.join("qemu.cmdline").exists(),
+        boot_dir.join("qemu.cmdline").exists(),
         "the run directory keeps the QEMU command line"
     );
 }
