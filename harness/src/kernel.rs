@@ -65,6 +65,70 @@ impl fmt::Display for FlavorSpec {
     }
 }
 
+/// What `--kernel` names: a flavor to build, or a user's bzImage (any argument with a `/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelChoice {
+    Flavor(FlavorSpec),
+    Image(PathBuf),
+}
+
+impl FromStr for KernelChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s.contains('/') {
+            let path = PathBuf::from(s);
+            if !path.is_file() {
+                bail!("--kernel {s}: no such kernel image (a path is a bzImage; a name is a flavor such as v1)");
+            }
+            return Ok(Self::Image(path));
+        }
+        Ok(Self::Flavor(s.parse()?))
+    }
+}
+
+impl fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Flavor(spec) => spec.fmt(f),
+            Self::Image(path) => write!(f, "byo:{}", path.display()),
+        }
+    }
+}
+
+impl KernelChoice {
+    /// The name scenario expectations are keyed by: the flavor, or "byo" for a user's kernel
+    /// (expected to keep every guarantee).
+    pub fn expectation_key(&self) -> &str {
+        match self {
+            Self::Flavor(spec) => &spec.flavor,
+            Self::Image(_) => "byo",
+        }
+    }
+
+    /// A short name for run directories.
+    pub fn dir_name(&self) -> String {
+        match self {
+            Self::Flavor(spec) => format!("{}-{}", spec.flavor, spec.variant.name()),
+            Self::Image(_) => "byo".to_string(),
+        }
+    }
+}
+
+/// Builds the flavor, or checks the user's image.
+pub fn resolve(cache: &Cache, choice: &KernelChoice) -> Result<Kernel> {
+    match choice {
+        KernelChoice::Flavor(spec) => build(cache, spec),
+        KernelChoice::Image(path) => {
+            let uapi = crate::byo::check_image(path, &patches_root().join("config/base.config"))?;
+            Ok(Kernel {
+                bzimage: path.clone(),
+                uapi,
+            })
+        }
+    }
+}
+
 /// kernel-patches/flavors/<name>.toml
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,6 +2,7 @@
 //! reports which dma-buf revoke guarantees hold on which kernel.
 
 mod accel;
+mod byo;
 mod cache;
 mod client;
 mod console;
@@ -28,7 +29,7 @@ use clap::{Parser, Subcommand};
 
 use accel::AccelChoice;
 use cache::Cache;
-use kernel::FlavorSpec;
+use kernel::{FlavorSpec, KernelChoice};
 use rig::{RigConfig, RunDir};
 
 #[derive(Debug, Parser)]
@@ -74,9 +75,10 @@ enum BuildWhat {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Kernel flavor[:variant] to boot; repeat for several (each gets its own boot).
+    /// Kernel to boot: a flavor[:variant] (v1, v1-fixed:debug) or a path to your own bzImage
+    /// (its embedded config is checked first); repeat for several, each gets its own boot.
     #[arg(long = "kernel", default_value = "v1")]
-    kernels: Vec<FlavorSpec>,
+    kernels: Vec<KernelChoice>,
     /// Scenarios to run: a name, a glob (`revoke-*`) or a comma-separated list.
     #[arg(long, default_value = "*")]
     scenario: String,
@@ -170,7 +172,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     let scenarios = scenario::select(&args.scenario)?;
     let qemu = qemu::build(cache)?;
     let image = image::build(cache)?;
-    let first_kernel = kernel::build(cache, &args.kernels[0])?;
+    let first_kernel = kernel::resolve(cache, &args.kernels[0])?;
     let accel = accel::resolve(args.accel, cache, &qemu.binary, &first_kernel.bzimage)?;
     let plan = runner::RunPlan {
         kernels: args.kernels.clone(),

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::cache::Cache;
 use crate::console;
-use crate::kernel::{self, FlavorSpec};
+use crate::kernel::{self, KernelChoice};
 use crate::process;
 use crate::report::{Boot, RunReport, ScenarioResult, Suite};
 use crate::rig::{Rig, RigConfig, RunDir};
@@ -16,7 +16,7 @@ use crate::scenario::{self, Scenario, ScenarioEnv, Verdict};
 
 #[derive(Debug)]
 pub struct RunPlan {
-    pub kernels: Vec<FlavorSpec>,
+    pub kernels: Vec<KernelChoice>,
     pub scenarios: Vec<&'static Scenario>,
     pub strict: bool,
     /// Everything but the kernel; filled in per flavor.
@@ -33,13 +33,13 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
     let started = Instant::now();
     let mut index = 0;
     for spec in &plan.kernels {
-        let kernel = kernel::build(cache, spec)?;
+        let kernel = kernel::resolve(cache, spec)?;
         let cfg = RigConfig {
             bzimage: kernel.bzimage.clone(),
             ..plan.rig.clone()
         };
         let env = ScenarioEnv { uapi: kernel.uapi };
-        let flavor_dir = top.subdir(&spec.to_string().replace(':', "-"))?;
+        let flavor_dir = top.subdir(&spec.dir_name())?;
         let mut rig: Option<(Rig, RunDir)> = None;
         let mut boots = 0;
         let mut boot_failure: Option<String> = None;
@@ -50,7 +50,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 scenario.name,
                 started.elapsed().as_secs_f64()
             );
-            let expect = (scenario.expect)(&spec.flavor);
+            let expect = (scenario.expect)(spec.expectation_key());
             let scenario_started = Instant::now();
             let mut result = ScenarioResult {
                 scenario: scenario.name.to_string(),
@@ -159,7 +159,13 @@ fn expectation_text(r: &ScenarioResult) -> String {
     }
 }
 
-fn boot_record(spec: &FlavorSpec, cfg: &RigConfig, ok: bool, took: Duration, dir: &RunDir) -> Boot {
+fn boot_record(
+    spec: &KernelChoice,
+    cfg: &RigConfig,
+    ok: bool,
+    took: Duration,
+    dir: &RunDir,
+) -> Boot {
     Boot {
         flavor: spec.to_string(),
         accel: cfg.accel.name().to_string(),
