@@ -2,7 +2,7 @@
 # ci/install-deps.sh (the `deps` target) and built into $(P2PRIG_CACHE).
 
 CARGO    ?= cargo
-KERNEL   ?= v1
+KERNELS  ?= v1 v1-fixed
 P2PRIG   := target/release/p2prig
 RESULTS  := target/p2prig
 
@@ -18,13 +18,13 @@ build: deps
 
 # QEMU, the guest kernel(s) and the initramfs, cached by input hash.
 artifacts: build
-	$(P2PRIG) build all --kernel $(KERNEL)
+	$(P2PRIG) build all $(addprefix --kernel ,$(KERNELS))
 
-# The main job: boot the rig and run every scenario on $(KERNEL), each judged against
-# its expected outcome on that kernel.
+# The main job: boot the rig on each of $(KERNELS) and run every scenario, each judged
+# against its expected outcome on that kernel.
 vm-test: artifacts
 	@mkdir -p $(RESULTS)
-	$(P2PRIG) run --kernel $(KERNEL) --junit $(RESULTS)/junit.xml
+	$(P2PRIG) run $(addprefix --kernel ,$(KERNELS)) --junit $(RESULTS)/junit.xml
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -189,9 +189,10 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
             extra_cmdline: String::new(),
         },
     };
-    let label = args
-        .scenario
-        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+    let label = match args.scenario.as_str() {
+        "*" => "all".to_string(),
+        pattern => pattern.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
+    };
     let top = RunDir::create(&label)?;
     println!("run directory: {}", top.path.display());
     let report = runner::run(cache, &plan, &top)?;
