@@ -6,6 +6,8 @@
 //! A17) as requester and responder. The engine only sees frames through the small
 //! [`engine::Link`] trait, so tests join two engines back to back without any VM.
 
+pub mod backend;
+pub mod control;
 pub mod engine;
 pub mod frame;
 pub mod headers;
