@@ -14,6 +14,17 @@ use p2prig_protocol::wire::{self, ErrorReply, Outcome, Reply, Request};
 
 use crate::process::check_interrupted;
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock nvme-cmb stamps its events with.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Poll period of blocking reads, so Ctrl-C and deadlines are noticed promptly.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -74,7 +85,7 @@ impl LineClient {
                 Ok(0) => bail!("{} closed the connection", self.peer),
                 Ok(_) if self.partial.ends_with(b"\n") => {
                     let line = std::mem::take(&mut self.partial);
-                    self.log("<-", &line);
+                    self.log("recv", &line);
                     return Ok(line);
                 }
                 Ok(_) => {}
@@ -119,7 +130,7 @@ impl LineClient {
         let id = self.next_id;
         self.next_id += 1;
         let line = wire::encode_line(&Request { id, op });
-        self.log("->", &line);
+        self.log("send", &line);
         self.writer
             .write_all(&line)
             .with_context(|| format!("sending a request to {}", self.peer))?;
@@ -146,9 +157,15 @@ impl LineClient {
         }
     }
 
+    /// One JSON line per message: `{"mono_ns":..,"dir":"send"|"recv","msg":<the message>}`,
+    /// on the same clock as nvme-cmb's events so the report can put both on one timeline.
     fn log(&mut self, dir: &str, line: &[u8]) {
         if let Some(f) = &mut self.transcript {
-            let _ = write!(f, "{dir} {}", String::from_utf8_lossy(line));
+            let text = String::from_utf8_lossy(line);
+            let msg = serde_json::from_str::<serde_json::Value>(text.trim_end())
+                .unwrap_or_else(|_| serde_json::Value::String(text.trim_end().to_string()));
+            let entry = serde_json::json!({"mono_ns": mono_ns(), "dir": dir, "msg": msg});
+            let _ = writeln!(f, "{entry}");
         }
     }
 }

@@ -7,6 +7,7 @@ mod cache;
 mod client;
 mod console;
 mod export_args;
+mod html;
 mod image;
 mod kernel;
 mod paths;
@@ -198,6 +199,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     let report = runner::run(cache, &plan, &top)?;
     report.write_junit(&top.file("junit.xml"))?;
     report.write_json(&top.file("results.json"))?;
+    html::write(&report, &top.file("report.html"))?;
     if let Some(path) = &args.junit {
         report.write_junit(path)?;
     }
@@ -213,9 +215,9 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     println!("\n{}", report.table());
     let mismatches = report.results.iter().filter(|r| !r.verdict.is_ok()).count();
     println!(
-        "{} results, {mismatches} not as expected; artifacts in {}",
+        "{} results, {mismatches} not as expected; report {}",
         report.results.len(),
-        top.path.display()
+        top.file("report.html").display()
     );
     Ok(if report.all_match() {
         ExitCode::SUCCESS

@@ -66,6 +66,9 @@ pub struct ScenarioResult {
     pub checks: Vec<Check>,
     #[serde(serialize_with = "secs")]
     pub duration: Duration,
+    /// CLOCK_MONOTONIC bounds of the scenario, the clock of device events and RPC transcripts.
+    pub start_ns: u64,
+    pub end_ns: u64,
     pub run_dir: PathBuf,
 }
 
@@ -229,10 +232,15 @@ fn escape(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn result(scenario: &str, flavor: &str, expect: Expect, passed: bool) -> ScenarioResult {
+    pub(crate) fn result(
+        scenario: &str,
+        flavor: &str,
+        expect: Expect,
+        passed: bool,
+    ) -> ScenarioResult {
         ScenarioResult {
             scenario: scenario.into(),
             flavor: flavor.into(),
@@ -246,11 +254,13 @@ mod tests {
             },
             checks: Vec::new(),
             duration: Duration::from_millis(1500),
+            start_ns: 0,
+            end_ns: 1,
             run_dir: PathBuf::from("/r"),
         }
     }
 
-    fn report() -> RunReport {
+    pub(crate) fn report() -> RunReport {
         RunReport {
             strict: false,
             boots: Vec::new(),

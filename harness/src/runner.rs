@@ -61,6 +61,8 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 note: String::new(),
                 checks: Vec::new(),
                 duration: Duration::ZERO,
+                start_ns: crate::client::mono_ns(),
+                end_ns: 0,
                 run_dir: flavor_dir.path.clone(),
             };
             if rig.is_none() && boot_failure.is_none() {
@@ -138,6 +140,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 .unwrap_or_default();
             result.checks = suite.checks;
             result.duration = scenario_started.elapsed();
+            result.end_ns = crate::client::mono_ns();
             println!(
                 "    => {} ({})",
                 result.verdict.label(),

@@ -1,0 +1,522 @@
+//! The self-contained HTML report: the scenario x flavor table, then per scenario its checks
+//! and an inline SVG timeline with lanes for guest operations (agent RPCs), target operations
+//! and device events; reset and decode-off windows shaded, violations in red, a hover title
+//! on every mark. No scripts, no external fonts or styles.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::report::{RunReport, ScenarioResult};
+use crate::scenario::{Expect, Verdict};
+
+const WIDTH: f64 = 960.0;
+const LEFT: f64 = 90.0;
+const LANE_HEIGHT: f64 = 34.0;
+
+/// A mark on the timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mark {
+    /// An operation from `start_ns` to `end_ns` (agent RPC, target operation).
+    Span {
+        lane: Lane,
+        start_ns: u64,
+        end_ns: u64,
+        label: String,
+        ok: bool,
+    },
+    /// A device event at one instant.
+    Point {
+        lane: Lane,
+        at_ns: u64,
+        label: String,
+        violation: bool,
+    },
+    /// A window during which importers must have no access (reset, decode off).
+    Window {
+        start_ns: u64,
+        end_ns: u64,
+        label: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Guest,
+    Target,
+    Device,
+}
+
+impl Lane {
+    fn index(self) -> f64 {
+        match self {
+            Lane::Guest => 0.0,
+            Lane::Target => 1.0,
+            Lane::Device => 2.0,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Lane::Guest => "guest",
+            Lane::Target => "target",
+            Lane::Device => "device",
+        }
+    }
+}
+
+pub fn write(report: &RunReport, path: &Path) -> Result<()> {
+    std::fs::write(path, render(report))
+        .with_context(|| format!("writing the HTML report {}", path.display()))
+}
+
+pub fn render(report: &RunReport) -> String {
+    let mut html = String::from(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>p2prig report</title>\n<style>\
+         body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}\
+         td,th{border:1px solid #bbb;padding:.25em .6em;text-align:left;font-size:90%}\
+         .pass{background:#d8f0d8}.expected_fail{background:#fbeec4}.mismatch{background:#f6c6c6}.skipped{background:#e4e4e4}\
+         .ok{color:#1a7f1a}.bad{color:#b00}section{margin:1.5em 0;border-top:1px solid #ccc}\
+         pre{white-space:pre-wrap;font-size:85%;margin:0}</style></head><body>\n<h1>p2prig report</h1>\n",
+    );
+    html.push_str(&summary_table(report));
+    for result in &report.results {
+        html.push_str(&section(result));
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
+fn verdict_class(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "pass",
+        Verdict::ExpectedFail => "expected_fail",
+        Verdict::Mismatch => "mismatch",
+        Verdict::Skipped => "skipped",
+    }
+}
+
+fn summary_table(report: &RunReport) -> String {
+    let mut flavors: Vec<&str> = Vec::new();
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in &report.results {
+        if !flavors.contains(&r.flavor.as_str()) {
+            flavors.push(&r.flavor);
+        }
+        if !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
+    let mut out = String::from("<table><tr><th>scenario</th>");
+    for f in &flavors {
+        let _ = write!(out, "<th>{}</th>", esc(f));
+    }
+    out.push_str("</tr>\n");
+    for s in &scenarios {
+        let _ = write!(out, "<tr><td>{}</td>", esc(s));
+        for f in &flavors {
+            match report
+                .results
+                .iter()
+                .find(|r| r.scenario == *s && r.flavor == *f)
+            {
+                Some(r) => {
+                    let _ = write!(
+                        out,
+                        "<td class=\"{}\"><a href=\"#{}\">{}</a></td>",
+                        verdict_class(r.verdict),
+                        anchor(r),
+                        r.verdict.label()
+                    );
+                }
+                None => out.push_str("<td>-</td>"),
+            }
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+fn anchor(r: &ScenarioResult) -> String {
+    format!("{}--{}", r.scenario, r.flavor)
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+}
+
+fn section(r: &ScenarioResult) -> String {
+    let mut out = format!(
+        "<section id=\"{}\"><h2>{} on {} <span class=\"{}\">{}</span></h2>\n",
+        anchor(r),
+        esc(&r.scenario),
+        esc(&r.flavor),
+        verdict_class(r.verdict),
+        r.verdict.label()
+    );
+    match r.expect {
+        Expect::Pass => out.push_str("<p>Expected to pass.</p>\n"),
+        Expect::Fail(why) => {
+            let _ = writeln!(out, "<p>Expected to fail: {}</p>", esc(why));
+        }
+    }
+    out.push_str("<table><tr><th>check</th><th>result</th><th>detail</th></tr>\n");
+    for c in &r.checks {
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td><pre>{}</pre></td></tr>",
+            esc(&c.name),
+            if c.passed { "ok" } else { "bad" },
+            if c.passed { "PASS" } else { "FAIL" },
+            esc(&c.detail)
+        );
+    }
+    out.push_str("</table>\n");
+    let marks = marks_for(r);
+    out.push_str(&timeline_svg(&marks, r.start_ns, r.end_ns));
+    let _ = writeln!(
+        out,
+        "<p>Run directory: <code>{}</code></p></section>",
+        esc(&r.run_dir.display().to_string())
+    );
+    out
+}
+
+/// The marks of one scenario, read from its boot directory's agent transcript and device trace.
+fn marks_for(r: &ScenarioResult) -> Vec<Mark> {
+    let read = |name: &str| std::fs::read_to_string(r.run_dir.join(name)).unwrap_or_default();
+    let mut marks = agent_marks(&read("agent.transcript"), r.start_ns, r.end_ns);
+    marks.extend(device_marks(
+        &read("nvme-cmb.trace.jsonl"),
+        r.start_ns,
+        r.end_ns,
+    ));
+    marks
+}
+
+/// Agent RPCs as spans: a "send" line opens one, the "recv" with the same id closes it.
+pub fn agent_marks(transcript: &str, start_ns: u64, end_ns: u64) -> Vec<Mark> {
+    let mut open: Vec<(u64, u64, String)> = Vec::new();
+    let mut marks = Vec::new();
+    for line in transcript.lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let at = entry["mono_ns"].as_u64().unwrap_or(0);
+        let msg = &entry["msg"];
+        let id = msg["id"].as_u64().unwrap_or(0);
+        match entry["dir"].as_str() {
+            Some("send") => open.push((id, at, op_label(msg))),
+            Some("recv") => {
+                if let Some(pos) = open.iter().position(|(i, _, _)| *i == id) {
+                    let (_, sent, label) = open.remove(pos);
+                    if sent >= start_ns && sent <= end_ns {
+                        let ok = msg.get("ok").is_some();
+                        let label = if ok {
+                            label
+                        } else {
+                            format!("{label} -> errno {}", msg["err"]["errno"])
+                        };
+                        marks.push(Mark::Span {
+                            lane: Lane::Guest,
+                            start_ns: sent,
+                            end_ns: at,
+                            label,
+                            ok,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    marks
+}
+
+fn op_label(msg: &Value) -> String {
+    let mut label = msg["op"].as_str().unwrap_or("?").to_string();
+    if let Some(obj) = msg.as_object() {
+        for (k, v) in obj {
+            if k != "id" && k != "op" {
+                let _ = write!(label, " {k}={v}");
+            }
+        }
+    }
+    label
+}
+
+/// Device events as points; reset and decode-off intervals as windows.
+pub fn device_marks(trace: &str, start_ns: u64, end_ns: u64) -> Vec<Mark> {
+    let mut marks = Vec::new();
+    let mut reset_since: Option<(u64, String)> = None;
+    let mut decode_off_since: Option<u64> = None;
+    for line in trace.lines() {
+        let Ok(event) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let at = event["mono_ns"].as_u64().unwrap_or(0);
+        if at > end_ns {
+            break;
+        }
+        let kind = event["kind"].as_str().unwrap_or("?");
+        match kind {
+            "reset_start" => {
+                reset_since = Some((at, event["cause"].as_str().unwrap_or("reset").to_string()))
+            }
+            "reset_end" => {
+                if let Some((since, cause)) = reset_since.take() {
+                    if at >= start_ns {
+                        marks.push(Mark::Window {
+                            start_ns: since.max(start_ns),
+                            end_ns: at,
+                            label: format!("reset ({cause})"),
+                        });
+                    }
+                }
+            }
+            "decode" => match (event["enabled"].as_bool(), decode_off_since) {
+                (Some(false), None) => decode_off_since = Some(at),
+                (Some(true), Some(since)) => {
+                    decode_off_since = None;
+                    if at >= start_ns {
+                        marks.push(Mark::Window {
+                            start_ns: since.max(start_ns),
+                            end_ns: at,
+                            label: "memory decode off".into(),
+                        });
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        if at >= start_ns
+            && matches!(
+                kind,
+                "bar" | "violation" | "config_write" | "reset_start" | "reset_end" | "decode"
+            )
+        {
+            marks.push(Mark::Point {
+                lane: Lane::Device,
+                at_ns: at,
+                label: event_label(&event),
+                violation: kind == "violation",
+            });
+        }
+    }
+    if let Some(since) = decode_off_since.filter(|s| *s <= end_ns) {
+        marks.push(Mark::Window {
+            start_ns: since.max(start_ns),
+            end_ns,
+            label: "memory decode off".into(),
+        });
+    }
+    marks
+}
+
+fn event_label(event: &Value) -> String {
+    let mut label = format!(
+        "#{} {}",
+        event["seq"],
+        event["kind"].as_str().unwrap_or("?")
+    );
+    for key in [
+        "reason", "access", "bar", "offset", "size", "value", "cause", "enabled",
+    ] {
+        if let Some(v) = event.get(key).filter(|v| !v.is_null()) {
+            match (key, v.as_u64()) {
+                ("offset", Some(n)) => {
+                    let _ = write!(label, " offset={n:#x}");
+                }
+                _ => {
+                    let _ = write!(label, " {key}={v}");
+                }
+            }
+        }
+    }
+    label
+}
+
+pub fn timeline_svg(marks: &[Mark], start_ns: u64, end_ns: u64) -> String {
+    let span = end_ns.saturating_sub(start_ns).max(1) as f64;
+    let x =
+        |t: u64| LEFT + (t.saturating_sub(start_ns) as f64 / span).min(1.0) * (WIDTH - LEFT - 10.0);
+    let height = 3.0 * LANE_HEIGHT + 24.0;
+    let mut svg = format!(
+        "<svg class=\"timeline\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\">\n"
+    );
+    for mark in marks {
+        if let Mark::Window {
+            start_ns: s,
+            end_ns: e,
+            label,
+        } = mark
+        {
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"0\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#f5d0a0\" opacity=\"0.55\"><title>{}</title></rect>",
+                x(*s),
+                (x(*e) - x(*s)).max(1.0),
+                3.0 * LANE_HEIGHT,
+                esc(label)
+            );
+        }
+    }
+    for lane in [Lane::Guest, Lane::Target, Lane::Device] {
+        let y = lane.index() * LANE_HEIGHT + LANE_HEIGHT / 2.0;
+        let _ = writeln!(
+            svg,
+            "<text x=\"4\" y=\"{:.1}\" font-size=\"12\">{}</text><line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ccc\"/>",
+            y + 4.0,
+            lane.name(),
+            WIDTH - 10.0
+        );
+    }
+    for mark in marks {
+        match mark {
+            Mark::Span {
+                lane,
+                start_ns: s,
+                end_ns: e,
+                label,
+                ok,
+            } => {
+                let y = lane.index() * LANE_HEIGHT + 8.0;
+                let _ = writeln!(
+                    svg,
+                    "<rect class=\"op\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{}</title></rect>",
+                    x(*s),
+                    (x(*e) - x(*s)).max(2.0),
+                    LANE_HEIGHT - 16.0,
+                    if *ok { "#5b8dd6" } else { "#d98c1f" },
+                    esc(label)
+                );
+            }
+            Mark::Point {
+                lane,
+                at_ns,
+                label,
+                violation,
+            } => {
+                let cx = x(*at_ns);
+                let cy = lane.index() * LANE_HEIGHT + LANE_HEIGHT / 2.0;
+                let _ = writeln!(
+                    svg,
+                    "<circle class=\"{}\" cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"{}\" fill=\"{}\"><title>{}</title></circle>",
+                    if *violation { "violation" } else { "event" },
+                    if *violation { 6 } else { 4 },
+                    if *violation { "#d01010" } else { "#2a2a2a" },
+                    esc(label)
+                );
+            }
+            Mark::Window { .. } => {}
+        }
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{LEFT}\" y=\"{:.1}\" font-size=\"11\">0 ms</text><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{:.1} ms</text></svg>",
+        height - 6.0,
+        WIDTH - 10.0,
+        height - 6.0,
+        span / 1e6
+    );
+    svg
+}
+
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRANSCRIPT: &str = r#"{"mono_ns":1000,"dir":"send","msg":{"id":1,"op":"bar_write","bar":0,"offset":4096}}
+{"mono_ns":3000,"dir":"recv","msg":{"id":1,"ok":{"type":"done"}}}
+{"mono_ns":4000,"dir":"send","msg":{"id":2,"op":"dmabuf_export","bar":0}}
+{"mono_ns":5000,"dir":"recv","msg":{"id":2,"err":{"errno":22,"message":"x"}}}
+"#;
+
+    const TRACE: &str = r#"{"seq":1,"mono_ns":500,"generation":0,"kind":"bar","access":"write","bar":0,"offset":20,"size":4,"value":1}
+{"seq":2,"mono_ns":2000,"generation":0,"kind":"bar","access":"write","bar":0,"offset":4096,"size":4,"value":5}
+{"seq":3,"mono_ns":2500,"generation":0,"kind":"reset_start","cause":"flr"}
+{"seq":4,"mono_ns":2600,"generation":0,"kind":"violation","reason":"in_reset:flr","access":"write","bar":0,"offset":4096,"size":4,"value":5}
+{"seq":5,"mono_ns":2900,"generation":1,"kind":"reset_end","cause":"flr"}
+{"seq":6,"mono_ns":9000,"generation":1,"kind":"bar","access":"read","bar":0,"offset":28,"size":4,"value":1}
+"#;
+
+    #[test]
+    fn rpc_spans_pair_requests_with_replies_inside_the_window() {
+        let marks = agent_marks(TRANSCRIPT, 0, 10_000);
+        assert_eq!(marks.len(), 2);
+        assert!(
+            matches!(&marks[0], Mark::Span { start_ns: 1000, end_ns: 3000, ok: true, label, .. } if label.starts_with("bar_write"))
+        );
+        assert!(
+            matches!(&marks[1], Mark::Span { ok: false, label, .. } if label.contains("errno 22"))
+        );
+        assert_eq!(
+            agent_marks(TRANSCRIPT, 3500, 10_000).len(),
+            1,
+            "a request sent before the window is not this scenario's"
+        );
+    }
+
+    #[test]
+    fn device_events_in_the_window_become_points_and_resets_windows() {
+        let marks = device_marks(TRACE, 1000, 5000);
+        let points = marks
+            .iter()
+            .filter(|m| matches!(m, Mark::Point { .. }))
+            .count();
+        assert_eq!(
+            points, 4,
+            "seq 2..5; seq 1 is before and seq 6 after the window"
+        );
+        assert!(marks.iter().any(|m| matches!(
+            m,
+            Mark::Point {
+                violation: true,
+                ..
+            }
+        )));
+        assert!(marks.iter().any(|m| matches!(
+            m,
+            Mark::Window {
+                start_ns: 2500,
+                end_ns: 2900,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn report_page_is_self_contained_with_a_section_per_result() {
+        let page = render(&crate::report::tests::report());
+        assert!(page.starts_with("<!DOCTYPE html>"));
+        assert!(
+            !page.contains("<script") && !page.contains("http"),
+            "no external resources"
+        );
+        assert_eq!(page.matches("<section").count(), 3);
+        assert!(page.contains("class=\"mismatch\""));
+        assert!(page.contains("Expected to fail: B1"));
+    }
+
+    #[test]
+    fn svg_has_lanes_titles_and_a_red_violation() {
+        let mut marks = agent_marks(TRANSCRIPT, 0, 10_000);
+        marks.extend(device_marks(TRACE, 0, 10_000));
+        let svg = timeline_svg(&marks, 0, 10_000);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        for lane in ["guest", "target", "device"] {
+            assert!(svg.contains(&format!(">{lane}</text>")));
+        }
+        assert!(svg.contains("class=\"violation\"") && svg.contains("#d01010"));
+        assert!(svg.contains("<title>reset (flr)</title>"));
+        assert_eq!(svg.matches("<title>").count(), 2 + 6 + 1);
+    }
+}
