@@ -229,7 +229,7 @@ impl NetBackend {
             let mut used = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
-                match read_frame(&*mem, chain) {
+                match read_frame(&mem, chain) {
                     Some(frame) => frames.push(frame),
                     None => {
                         self.inner.bad_chains.fetch_add(1, Ordering::Relaxed);
@@ -283,7 +283,7 @@ impl NetBackend {
                 break;
             };
             let head = chain.head_index();
-            match write_frame(&*mem, chain, &frame) {
+            match write_frame(&mem, chain, &frame) {
                 Ok(len) => {
                     if state.get_queue_mut().add_used(&*mem, head, len).is_err() {
                         self.inner.bad_chains.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +318,7 @@ where
 {
     let mut reader = Reader::new(mem, chain).ok()?;
     let total = reader.available_bytes();
-    if total < NET_HDR_LEN || total > NET_HDR_LEN + MAX_TX_FRAME {
+    if !(NET_HDR_LEN..=NET_HDR_LEN + MAX_TX_FRAME).contains(&total) {
         return None;
     }
     let mut bytes = vec![0u8; total];

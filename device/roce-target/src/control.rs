@@ -16,7 +16,7 @@ use p2prig_protocol::wire::{
 };
 
 use crate::backend::{lock_engine, SharedEngine};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, RemoteBuffer};
 use crate::frame::{ip_of_gid, parse_mac};
 use crate::memory::MemoryError;
 
@@ -200,7 +200,17 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
                     remote_rkey,
                     imm,
                 } => engine
-                    .post_write(qpn, wr_id, local, remote_va, remote_rkey, imm, now)
+                    .post_write(
+                        qpn,
+                        wr_id,
+                        local,
+                        RemoteBuffer {
+                            va: remote_va,
+                            rkey: remote_rkey,
+                        },
+                        imm,
+                        now,
+                    )
                     .map(|()| TargetReply::Done)
                     .map_err(engine_error),
                 TargetOp::PostRead {
@@ -210,7 +220,16 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
                     remote_va,
                     remote_rkey,
                 } => engine
-                    .post_read(qpn, wr_id, local, remote_va, remote_rkey, now)
+                    .post_read(
+                        qpn,
+                        wr_id,
+                        local,
+                        RemoteBuffer {
+                            va: remote_va,
+                            rkey: remote_rkey,
+                        },
+                        now,
+                    )
                     .map(|()| TargetReply::Done)
                     .map_err(engine_error),
                 TargetOp::PostSend {

@@ -81,6 +81,13 @@ pub enum EngineError {
     Pcap(String),
 }
 
+/// Where an RDMA WRITE or READ goes in the peer's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteBuffer {
+    pub va: u64,
+    pub rkey: u32,
+}
+
 /// The target's own addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -631,15 +638,14 @@ impl Engine {
         qpn: u32,
         wr_id: u64,
         local: Sge,
-        remote_va: u64,
-        rkey: u32,
+        remote: RemoteBuffer,
         imm: Option<u32>,
         now: Instant,
     ) -> Result<(), EngineError> {
         let data = self.snapshot(local)?;
         let op = WqeOp::Write {
-            remote_va,
-            rkey,
+            remote_va: remote.va,
+            rkey: remote.rkey,
             imm,
             data,
         };
@@ -663,8 +669,7 @@ impl Engine {
         qpn: u32,
         wr_id: u64,
         local: Sge,
-        remote_va: u64,
-        rkey: u32,
+        remote: RemoteBuffer,
         now: Instant,
     ) -> Result<(), EngineError> {
         self.mrs.check_local(
@@ -674,8 +679,8 @@ impl Engine {
             Some(MrAccess::LocalWrite),
         )?;
         let op = WqeOp::Read {
-            remote_va,
-            rkey,
+            remote_va: remote.va,
+            rkey: remote.rkey,
             local,
         };
         self.post(qpn, wr_id, op, local.length, now)

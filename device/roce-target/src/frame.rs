@@ -195,16 +195,14 @@ pub fn write_roce(
     };
     frame.extend_from_slice(&eth.to_bytes());
     let udp_len = 8 + transport_len + 4;
-    let mut ip = match Ipv4Header::new(
+    let mut ip = Ipv4Header::new(
         u16::try_from(udp_len).unwrap_or(u16::MAX),
         TTL,
         IpNumber::UDP,
         route.src_ip.octets(),
         route.dst_ip.octets(),
-    ) {
-        Ok(ip) => ip,
-        Err(_) => Ipv4Header::default(),
-    };
+    )
+    .unwrap_or_default();
     ip.identification = route.ip_id;
     ip.dont_fragment = true;
     ip.header_checksum = ip.calc_header_checksum();

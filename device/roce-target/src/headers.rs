@@ -553,7 +553,7 @@ impl<'a> Packet<'a> {
     /// True when payload plus pad end on a 4-byte boundary, as IBTA 9.2 (PadCnt) requires;
     /// rxe NAKs 0x61 otherwise.
     pub fn pad_is_aligned(&self) -> bool {
-        (self.payload.len() + usize::from(self.bth.pad)) % 4 == 0
+        (self.payload.len() + usize::from(self.bth.pad)).is_multiple_of(4)
     }
 }
 

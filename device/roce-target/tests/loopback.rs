@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use p2prig_protocol::target::{
     CompletionOpcode, CompletionStatus, MrAccess, QpSettings, QpStateName, Sge,
 };
+use roce_target::engine::RemoteBuffer;
 use roce_target::headers::{opcode, Packet};
 use roce_target::{Engine, EngineConfig, Link};
 
@@ -140,8 +141,10 @@ fn write_of_any_length_lands_in_the_peer_and_completes() {
                 offset: 0,
                 length: len as u32,
             },
-            dst_va + 16,
-            dst,
+            RemoteBuffer {
+                va: dst_va + 16,
+                rkey: dst,
+            },
             None,
             p.now,
         )
@@ -175,8 +178,7 @@ fn write_segments_by_path_mtu_with_ackreq_on_the_last_packet() {
             offset: 0,
             length: 1000,
         },
-        va,
-        dst,
+        RemoteBuffer { va, rkey: dst },
         Some(0xABCD),
         p.now,
     )
@@ -240,8 +242,10 @@ fn read_reassembles_the_responses() {
                 offset: 0,
                 length: len as u32,
             },
-            remote_va,
-            remote,
+            RemoteBuffer {
+                va: remote_va,
+                rkey: remote,
+            },
             p.now,
         )
         .expect("post");
@@ -312,8 +316,7 @@ fn a_dropped_packet_is_recovered_by_nak_0x60_and_go_back_n() {
             offset: 0,
             length: 8192,
         },
-        va,
-        dst,
+        RemoteBuffer { va, rkey: dst },
         None,
         p.now,
     )
@@ -360,8 +363,7 @@ fn a_lost_last_packet_is_resent_after_the_ack_timeout() {
             offset: 0,
             length: 64,
         },
-        va,
-        dst,
+        RemoteBuffer { va, rkey: dst },
         None,
         p.now,
     )
@@ -393,8 +395,10 @@ fn retries_run_out_into_a_timeout_completion_and_error() {
                 offset: 0,
                 length: 64,
             },
-            0x1000,
-            0x1234,
+            RemoteBuffer {
+                va: 0x1000,
+                rkey: 0x1234,
+            },
             None,
             p.now,
         )
@@ -426,8 +430,7 @@ fn a_bad_rkey_gets_nak_0x62_and_both_qps_go_to_error() {
                 offset: 0,
                 length: 64,
             },
-            va,
-            rkey,
+            RemoteBuffer { va, rkey },
             None,
             p.now,
         )
@@ -473,8 +476,7 @@ fn a_bad_rkey_gets_nak_0x62_and_both_qps_go_to_error() {
             offset: 0,
             length: 64,
         },
-        va,
-        dst,
+        RemoteBuffer { va, rkey: dst },
         None,
         p.now,
     )
@@ -497,8 +499,10 @@ fn a_read_without_remote_read_access_is_a_remote_access_error() {
             offset: 0,
             length: 64,
         },
-        dst.va,
-        dst.key,
+        RemoteBuffer {
+            va: dst.va,
+            rkey: dst.key,
+        },
         p.now,
     )
     .expect("post");
@@ -599,8 +603,7 @@ fn psns_wrap_at_24_bits() {
             offset: 0,
             length: 4096,
         },
-        va,
-        dst,
+        RemoteBuffer { va, rkey: dst },
         None,
         p.now,
     )
@@ -613,8 +616,7 @@ fn psns_wrap_at_24_bits() {
             offset: 0,
             length: 4096,
         },
-        va,
-        dst,
+        RemoteBuffer { va, rkey: dst },
         p.now,
     )
     .expect("read");
