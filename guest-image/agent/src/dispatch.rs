@@ -30,20 +30,20 @@ pub enum After {
 /// Open objects by handle. Handles start at 1 and are not reused while the agent runs, so a
 /// stale handle is EBADF instead of silently naming a newer object.
 #[derive(Debug)]
-struct HandleTable<T> {
+pub(crate) struct HandleTable<T> {
     next: u32,
-    entries: BTreeMap<u32, T>,
+    pub(crate) entries: BTreeMap<u32, T>,
 }
 
 impl<T> HandleTable<T> {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             next: 1,
             entries: BTreeMap::new(),
         }
     }
 
-    fn insert(&mut self, value: T) -> u32 {
+    pub(crate) fn insert(&mut self, value: T) -> u32 {
         // After 2^32 allocations wrap around, skipping 0 and handles still open.
         while self.next == 0 || self.entries.contains_key(&self.next) {
             self.next = self.next.wrapping_add(1);
@@ -55,7 +55,7 @@ impl<T> HandleTable<T> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a table lock (caught by the RPC loop) must not wedge the agent.
     mutex
         .lock()
@@ -64,9 +64,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The agent's state: the platform and the open devices and dma-bufs.
 pub struct Agent<P> {
-    platform: P,
+    pub(crate) platform: P,
     devices: Mutex<HandleTable<Arc<dyn Device>>>,
-    dmabufs: Mutex<HandleTable<OwnedFd>>,
+    pub(crate) dmabufs: Mutex<HandleTable<OwnedFd>>,
 }
 
 impl<P: std::fmt::Debug> std::fmt::Debug for Agent<P> {
@@ -134,6 +134,7 @@ pub fn describe(op: &AgentOp) -> String {
         AgentOp::Sleep { ms } => format!("sleep {ms} ms"),
         AgentOp::Dmesg => "dmesg".into(),
         AgentOp::PowerOff => "power_off".into(),
+        other => crate::rdma_ops::describe(other),
     }
 }
 
@@ -157,6 +158,12 @@ pub fn is_chatty(op: &AgentOp) -> bool {
             | AgentOp::VfioRegion { .. }
             | AgentOp::Hello
             | AgentOp::Dmesg
+            | AgentOp::MrRead { .. }
+            | AgentOp::MrWrite { .. }
+            | AgentOp::PostSend { .. }
+            | AgentOp::PostRecv { .. }
+            | AgentOp::PollCq { .. }
+            | AgentOp::QpQuery { .. }
     )
 }
 
@@ -399,6 +406,7 @@ impl<P: Platform> Agent<P> {
             }),
             // The RPC loop powers off after the reply has gone out.
             AgentOp::PowerOff => Ok(AgentReply::Done),
+            other => self.run_rdma(other),
         }
     }
 
@@ -571,6 +579,9 @@ pub(crate) mod fake {
     #[derive(Debug, Default)]
     pub struct FakePlatform {
         pub devices: Mutex<BTreeMap<String, Arc<FakeDevice>>>,
+        /// Networking requests that reached the "kernel".
+        pub net_calls: Mutex<Vec<String>>,
+        pub rdma: crate::rdma::fake::FakeRdma,
         pub powered_off: AtomicBool,
         /// When set, find_pci waits (up to 10 s) until hello has been called: proves that a
         /// slow request does not hold up the next one.
@@ -633,6 +644,31 @@ pub(crate) mod fake {
         }
         fn power_off(&self) {
             self.powered_off.store(true, Ordering::SeqCst);
+        }
+        fn net_up(&self, ifname: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
+            lock(&self.net_calls).push(format!("net_up {ifname} {addr}/{prefix}"));
+            Ok(())
+        }
+        fn neigh_add(&self, ifname: &str, ip: std::net::Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+            lock(&self.net_calls).push(format!("neigh_add {ifname} {ip} {mac:02x?}"));
+            Ok(())
+        }
+        fn rdma_link_add(&self, name: &str, netdev: &str) -> Result<()> {
+            if name == "rxe0"
+                && lock(&self.net_calls)
+                    .iter()
+                    .any(|c| c.starts_with("rdma_link_add rxe0"))
+            {
+                return Err(AgentError::os(
+                    "RDMA_NLDEV_CMD_NEWLINK",
+                    std::io::Error::from_raw_os_error(libc::EEXIST),
+                ));
+            }
+            lock(&self.net_calls).push(format!("rdma_link_add {name} {netdev}"));
+            Ok(())
+        }
+        fn rdma(&self) -> &dyn crate::rdma::Rdma {
+            &self.rdma
         }
     }
 }

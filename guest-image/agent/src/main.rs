@@ -9,11 +9,16 @@ mod error;
 mod kmsg;
 mod log;
 mod mmio;
+mod net;
+mod netlink;
 mod pid1;
 mod platform;
 mod port;
+mod rdma;
+mod rdma_ops;
 mod rpc;
 mod sysfs;
+mod verbs;
 mod vfio;
 
 use std::path::PathBuf;
@@ -64,6 +69,7 @@ fn main() {
             agent_log!("cannot open /dev/console ({error}); logging to stderr");
         }
         pid1::start_reaper();
+        pid1::boot_network();
     }
     agent_log!(
         "guest-agent {} starting as pid {}",
@@ -87,6 +93,7 @@ fn run(cli: &Cli, is_init: bool) -> anyhow::Result<()> {
     let agent = Agent::new(LinuxPlatform {
         paths: paths.clone(),
         is_init,
+        verbs: Default::default(),
     });
     if cli.stdio {
         let end = rpc::serve(&agent, std::io::stdin().lock(), std::io::stdout());

@@ -169,6 +169,34 @@ pub fn power_off(is_init: bool) -> ! {
     }
 }
 
+/// Sets up what the kernel command line asks for (`p2prig.net=`, `p2prig.rxe=`); failures are
+/// logged and the agent serves requests regardless (they can redo the steps).
+pub fn boot_network() {
+    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(text) => text,
+        Err(error) => {
+            agent_log!("cannot read /proc/cmdline: {error}");
+            return;
+        }
+    };
+    let (boot, problems) = crate::net::parse_cmdline(&cmdline);
+    for problem in problems {
+        agent_log!("{problem}");
+    }
+    if let Some((ifname, addr, prefix)) = &boot.interface {
+        match crate::net::net_up(ifname, *addr, *prefix) {
+            Ok(()) => agent_log!("{ifname} up with {addr}/{prefix}"),
+            Err(error) => agent_log!("bringing {ifname} up failed: {error}"),
+        }
+    }
+    if let Some((name, netdev)) = &boot.rxe {
+        match crate::net::rdma_link_add(name, netdev) {
+            Ok(()) => agent_log!("rdma link {name} added on {netdev}"),
+            Err(error) => agent_log!("rdma link add {name} on {netdev} failed: {error}"),
+        }
+    }
+}
+
 /// Logs panics to the console with the agent's prefix so they show in console.log.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {

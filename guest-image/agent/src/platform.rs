@@ -1,12 +1,15 @@
 //! The OS effects the dispatcher needs, behind two small traits, so the dispatcher and the RPC
 //! loop are tested on the host with fakes; [`LinuxPlatform`] is the real thing in the guest.
 
+use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{AgentError, Result};
+use crate::rdma::Rdma;
 use crate::sysfs::SystemPaths;
+use crate::verbs::Verbs;
 use crate::vfio::{DmabufRequest, RegionInfo, VfioDevice};
 
 /// Machine-wide operations.
@@ -18,6 +21,14 @@ pub trait Platform: Send + Sync {
     fn dmesg(&self) -> Result<String>;
     /// Syncs and powers off; returns only when that is impossible (then the caller goes on).
     fn power_off(&self);
+    /// IPv4 address and prefix on an interface, which is brought up.
+    fn net_up(&self, ifname: &str, addr: Ipv4Addr, prefix: u8) -> Result<()>;
+    /// A permanent neighbour entry.
+    fn neigh_add(&self, ifname: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()>;
+    /// A new rxe link on a netdev.
+    fn rdma_link_add(&self, name: &str, netdev: &str) -> Result<()>;
+    /// The verbs objects.
+    fn rdma(&self) -> &dyn Rdma;
 }
 
 /// One open VFIO device. Bounds, widths and alignment are checked by the caller against
@@ -69,6 +80,7 @@ pub struct LinuxPlatform {
     pub paths: SystemPaths,
     /// PID 1 powers the machine off; any other process just exits.
     pub is_init: bool,
+    pub verbs: Arc<Verbs>,
 }
 
 impl LinuxPlatform {
@@ -126,5 +138,21 @@ impl Platform for LinuxPlatform {
 
     fn power_off(&self) {
         crate::pid1::power_off(self.is_init);
+    }
+
+    fn net_up(&self, ifname: &str, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+        crate::net::net_up(ifname, addr, prefix)
+    }
+
+    fn neigh_add(&self, ifname: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        crate::net::neigh_add(ifname, ip, mac)
+    }
+
+    fn rdma_link_add(&self, name: &str, netdev: &str) -> Result<()> {
+        crate::net::rdma_link_add(name, netdev)
+    }
+
+    fn rdma(&self) -> &dyn Rdma {
+        self.verbs.as_ref()
     }
 }

@@ -33,7 +33,11 @@ pub enum SendOpcode {
 }
 
 fn default_port_access() -> Vec<Access> {
-    vec![Access::RemoteWrite, Access::RemoteRead, Access::RemoteAtomic]
+    vec![
+        Access::RemoteWrite,
+        Access::RemoteRead,
+        Access::RemoteAtomic,
+    ]
 }
 fn default_mr_access() -> Vec<Access> {
     vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead]
@@ -73,13 +77,21 @@ pub enum AgentOp {
     /// Who are you: kernel release, agent version.
     Hello,
     /// Find PCI functions with this class code (24 bits, e.g. 0x010802).
-    FindPci { class: u32 },
+    FindPci {
+        class: u32,
+    },
     /// Bind a function (e.g. "0000:02:00.0") to vfio-pci through driver_override.
-    VfioBind { bdf: String },
+    VfioBind {
+        bdf: String,
+    },
     /// Open the function's VFIO group (noiommu) and device; returns a handle.
-    VfioOpen { bdf: String },
+    VfioOpen {
+        bdf: String,
+    },
     /// Close a VFIO device handle.
-    VfioClose { device: u32 },
+    VfioClose {
+        device: u32,
+    },
     /// Export (bar, offset, length) of an open device as a dma-buf; returns a handle.
     DmabufExport {
         device: u32,
@@ -89,7 +101,9 @@ pub enum AgentOp {
         uapi: DmabufUapi,
     },
     /// Close a dma-buf handle.
-    DmabufClose { dmabuf: u32 },
+    DmabufClose {
+        dmabuf: u32,
+    },
     /// Write `value` of `width` bytes (1, 2, 4, 8) at `offset` of a BAR through the VFIO mmap.
     BarWrite {
         device: u32,
@@ -107,7 +121,11 @@ pub enum AgentOp {
     },
     /// Read `width` bytes (1, 2, 4) at `offset` of the function's config space through the
     /// VFIO config region (vfio-pci's virtualised view, as the kernel's own writes see it).
-    ConfigRead { device: u32, offset: u64, width: u8 },
+    ConfigRead {
+        device: u32,
+        offset: u64,
+        width: u8,
+    },
     /// Write `value` of `width` bytes (1, 2, 4) at `offset` of config space through VFIO, e.g.
     /// PCI_COMMAND (0x04) to toggle memory decode, or the PCIe Device Control register for FLR.
     ConfigWrite {
@@ -117,15 +135,24 @@ pub enum AgentOp {
         value: u64,
     },
     /// VFIO_DEVICE_RESET on an open device (FLR or whatever reset vfio-pci picks).
-    VfioReset { device: u32 },
+    VfioReset {
+        device: u32,
+    },
     /// VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset) of an open device, passing the group of
     /// that device; answers `pci` with the functions the kernel said the reset affects.
-    VfioHotReset { device: u32 },
+    VfioHotReset {
+        device: u32,
+    },
     /// VFIO_DEVICE_GET_REGION_INFO of region `index` (0-5 BARs, 6 ROM, 7 config); answers
     /// `region`. Lets a scenario size its arguments from what the kernel sees.
-    VfioRegion { device: u32, index: u32 },
+    VfioRegion {
+        device: u32,
+        index: u32,
+    },
     /// Sleep on the agent side, then answer `done`; lets tests hold a request in flight.
-    Sleep { ms: u64 },
+    Sleep {
+        ms: u64,
+    },
     /// The kernel log since boot.
     Dmesg,
     /// Flush and power the guest off. The agent answers `done` before powering off.
@@ -147,26 +174,41 @@ pub enum AgentOp {
         mac: String,
     },
     /// `rdma link add NAME type rxe netdev NETDEV` through RDMA netlink (RDMA_NLDEV_CMD_NEWLINK).
-    RdmaLinkAdd { name: String, netdev: String },
+    RdmaLinkAdd {
+        name: String,
+        netdev: String,
+    },
 
     // RDMA verbs (libibverbs with the guest's rxe provider). Handles as for VFIO devices.
     /// Open an RDMA device by name (e.g. "rxe0"); answers `rdma_context`.
-    RdmaOpen { name: String },
+    RdmaOpen {
+        name: String,
+    },
     /// Close a device context; refused (EBUSY) while PDs or CQs of it are open.
-    RdmaClose { context: u32 },
+    RdmaClose {
+        context: u32,
+    },
     /// The RoCE v2 GID of port 1 that holds an IPv4 address (::ffff:a.b.c.d) and its index,
     /// found by type and value in the GID table; answers `gid`.
-    RdmaGid { context: u32 },
-    AllocPd { context: u32 },
+    RdmaGid {
+        context: u32,
+    },
+    AllocPd {
+        context: u32,
+    },
     /// Refused (EBUSY) while QPs or MRs of the PD are open.
-    DeallocPd { pd: u32 },
+    DeallocPd {
+        pd: u32,
+    },
     CreateCq {
         context: u32,
         #[serde(default = "default_cq_entries")]
         entries: u32,
     },
     /// Refused (EBUSY) while a QP uses the CQ.
-    DestroyCq { cq: u32 },
+    DestroyCq {
+        cq: u32,
+    },
     /// An RC QP; answers `qp` with its number.
     CreateQp {
         pd: u32,
@@ -177,7 +219,9 @@ pub enum AgentOp {
         #[serde(default = "default_queue_depth")]
         max_recv_wr: u32,
     },
-    DestroyQp { qp: u32 },
+    DestroyQp {
+        qp: u32,
+    },
     /// RESET -> INIT on port 1, P_Key index 0, with these remote access rights.
     QpInit {
         qp: u32,
@@ -215,9 +259,13 @@ pub enum AgentOp {
         max_rd_atomic: u8,
     },
     /// Any state -> RESET (e.g. to recover a QP in ERROR).
-    QpReset { qp: u32 },
+    QpReset {
+        qp: u32,
+    },
     /// ibv_query_qp: number, state and PSNs; answers `qp_state`.
-    QpQuery { qp: u32 },
+    QpQuery {
+        qp: u32,
+    },
     /// Register `length` bytes of fresh zeroed agent memory; answers `mr`.
     RegMr {
         pd: u32,
@@ -235,11 +283,21 @@ pub enum AgentOp {
         #[serde(default = "default_mr_access")]
         access: Vec<Access>,
     },
-    DeregMr { mr: u32 },
+    DeregMr {
+        mr: u32,
+    },
     /// Write bytes (hex) into an agent-memory MR at `offset`.
-    MrWrite { mr: u32, offset: u64, data: String },
+    MrWrite {
+        mr: u32,
+        offset: u64,
+        data: String,
+    },
     /// Read `length` bytes of an agent-memory MR at `offset`; answers `bytes` (hex).
-    MrRead { mr: u32, offset: u64, length: u64 },
+    MrRead {
+        mr: u32,
+        offset: u64,
+        length: u64,
+    },
     /// Post one work request with one local SGE (`mr`, `offset`, `length`; no SGE when `mr`
     /// is absent, for zero-length operations). RDMA WRITE/READ use `remote_addr` and `rkey`.
     PostSend {
