@@ -1,6 +1,8 @@
 //! `p2prig build image`: the guest initramfs, a gzip'd newc archive whose /init is the guest
-//! agent, holding exactly the agent and the shared libraries it loads. Deterministic: the
-//! same inputs give the same bytes (sorted entries, zero mtimes, fixed inode numbers).
+//! agent, holding exactly the agent, rdma-core's libibverbs and rxe provider (at the paths
+//! libibverbs has compiled in, see `p2prig build rdma-core`) and the shared libraries all of
+//! them load. Deterministic: the same inputs give the same bytes (sorted entries, zero mtimes,
+//! fixed inode numbers).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -13,7 +15,7 @@ use flate2::{write::GzEncoder, Compression, GzBuilder};
 use crate::cache::{self, Cache, KeyBuilder};
 
 /// Bumped when the image's layout changes.
-const IMAGE_RECIPE: &str = "initramfs-1";
+const IMAGE_RECIPE: &str = "initramfs-2";
 
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -30,10 +32,29 @@ pub enum Entry {
 
 pub fn build(cache: &Cache) -> Result<Image> {
     let agent = crate::paths::workspace_binary("guest-agent")?;
-    let libraries = shared_libraries(&agent)?;
+    let rdma = crate::rdma_core::build(cache).context("building rdma-core for the initramfs")?;
+    let rdma_root = rdma.rootfs();
+    let rdma_files = rootfs_files(&rdma_root)?;
+    // The agent opens libibverbs at run time, so ldd of the agent does not list it: the
+    // libraries of rdma-core's files (libnl, ...) are collected from those files themselves.
+    let mut libraries = shared_libraries(&agent, None)?;
+    for (_, path) in &rdma_files {
+        if is_elf(path)? {
+            libraries.extend(
+                shared_libraries(path, Some(&rdma_root))?
+                    .into_iter()
+                    .filter(|lib| !lib.starts_with(&rdma_root)),
+            );
+        }
+    }
+    libraries.sort();
+    libraries.dedup();
     let mut key = KeyBuilder::default()
         .text("recipe", IMAGE_RECIPE)
         .file("agent", &agent)?;
+    for (name, path) in &rdma_files {
+        key = key.file(&format!("rdma-core/{name}"), path)?;
+    }
     for lib in &libraries {
         key = key.file(&lib.display().to_string(), lib)?;
     }
@@ -58,6 +79,16 @@ pub fn build(cache: &Cache) -> Result<Image> {
             Entry::File {
                 mode: 0o755,
                 contents: read(lib)?,
+            },
+        );
+    }
+    for (name, path) in &rdma_files {
+        let mode = if is_elf(path)? { 0o755 } else { 0o644 };
+        entries.insert(
+            name.clone(),
+            Entry::File {
+                mode,
+                contents: read(path)?,
             },
         );
     }
@@ -90,12 +121,50 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {} for the initramfs", path.display()))
 }
 
-/// The shared libraries (and the ELF interpreter) `binary` loads, as `ldd` resolves them.
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let output = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("running ldd (package libc-bin) to find the agent's libraries")?;
+/// Every regular file under `root` as (path relative to it, full path), sorted.
+fn rootfs_files(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else if kind.is_file() {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                out.push((rel.to_string_lossy().into_owned(), path.clone()));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(root, root, &mut files)?;
+    files.sort();
+    Ok(files)
+}
+
+fn is_elf(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(file.read(&mut magic)? == 4 && magic == *b"\x7fELF")
+}
+
+/// The shared libraries (and the ELF interpreter) `binary` loads, as `ldd` resolves them;
+/// with `rdma_root`, its multiarch library directory is searched first (libibverbs.so.1).
+fn shared_libraries(binary: &Path, rdma_root: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let mut command = Command::new("ldd");
+    command.arg(binary);
+    if let Some(root) = rdma_root {
+        command.env("LD_LIBRARY_PATH", root.join("usr/lib/x86_64-linux-gnu"));
+    }
+    let output = command.output().with_context(|| {
+        format!(
+            "running ldd (package libc-bin) to find the libraries of {}",
+            binary.display()
+        )
+    })?;
     if !output.status.success() {
         let text = String::from_utf8_lossy(&output.stdout);
         if text.contains("not a dynamic executable") {
@@ -118,7 +187,7 @@ fn parse_ldd(text: &str) -> Result<Vec<PathBuf>> {
             continue;
         }
         if line.contains("=> not found") {
-            bail!("the guest agent needs a library that is not installed: {line}");
+            bail!("the guest needs a library that is not installed here: {line} (make deps)");
         }
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
