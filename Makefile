@@ -13,7 +13,10 @@ all: build
 deps:
 	@./ci/install-deps.sh
 
+# p2prig first, then rdma-core: the guest agent's verbs bindings come from its headers.
 build: deps
+	$(CARGO) build --release --locked -p p2prig
+	$(P2PRIG) build rdma-core
 	$(CARGO) build --release --workspace --locked
 
 # QEMU, the guest kernel(s) and the initramfs, cached by input hash.

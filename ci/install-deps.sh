@@ -13,6 +13,9 @@ packages=(
   qemu-system-data seabios
   # Linux kernel builds
   bc libelf-dev libssl-dev kmod
+  # rdma-core for the guest (libibverbs + rxe), and bindgen's libclang for the agent's
+  # verbs bindings (libibverbs-dev: their headers before rdma-core is built)
+  cmake libnl-3-dev libnl-route-3-dev libudev-dev libclang-dev libibverbs-dev
   # apt keyring for the private apt configuration that fetches pinned sources
   debian-archive-keyring
 )
