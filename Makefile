@@ -6,7 +6,7 @@ KERNELS  ?= v1 v1-fixed
 P2PRIG   := target/release/p2prig
 RESULTS  := target/p2prig
 
-.PHONY: all deps build artifacts vm-test test fmt-check clippy unit vm-sigint-test clean-runs
+.PHONY: all deps build artifacts vm-test test fmt-check clippy unit report-render-test vm-sigint-test clean-runs
 
 all: build
 
@@ -42,7 +42,11 @@ unit: deps
 vm-sigint-test: artifacts
 	$(CARGO) test --release --locked -p p2prig --test vm_sigint -- --ignored --nocapture
 
-test: fmt-check clippy unit vm-test vm-sigint-test
+# The HTML report renders in headless Chromium (no VM needed).
+report-render-test: deps
+	$(CARGO) test --locked -p p2prig html_report_renders_in_chromium -- --ignored
+
+test: fmt-check clippy unit report-render-test vm-test vm-sigint-test
 
 clean-runs:
 	rm -rf $(RESULTS)/runs

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+
 use serde_json::Value;
 
 use crate::report::{RunReport, ScenarioResult};
@@ -504,6 +505,64 @@ mod tests {
         assert_eq!(page.matches("<section").count(), 3);
         assert!(page.contains("class=\"mismatch\""));
         assert!(page.contains("Expected to fail: B1"));
+    }
+
+    /// Renders a report with a violation in headless Chromium (Debian's, from
+    /// ci/install-deps.sh) and checks the screenshot shows the red violation mark; the PNG is
+    /// kept as target/p2prig/report-render-check.png.
+    #[test]
+    #[ignore = "needs Debian's chromium; run by `make report-render-test`"]
+    fn html_report_renders_in_chromium() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("agent.transcript"), TRANSCRIPT)?;
+        std::fs::write(dir.path().join("nvme-cmb.trace.jsonl"), TRACE)?;
+        let mut report = crate::report::tests::report();
+        for r in &mut report.results {
+            r.run_dir = dir.path().to_path_buf();
+            r.start_ns = 0;
+            r.end_ns = 10_000;
+        }
+        let page = dir.path().join("report.html");
+        write(&report, &page)?;
+        let out_dir = crate::paths::output_root();
+        std::fs::create_dir_all(&out_dir)?;
+        let png = out_dir.join("report-render-check.png");
+        let _ = std::fs::remove_file(&png);
+        let profile = tempfile::tempdir()?;
+        let status = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1000,1800",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--screenshot={}", png.display()))
+            .arg(format!("file://{}", page.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running chromium (install it with `make deps`)")?;
+        assert!(status.success(), "chromium failed: {status}");
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png)?));
+        let mut reader = decoder.read_info()?;
+        let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+        let info = reader.next_frame(&mut buf)?;
+        let channels = info.color_type.samples();
+        let violation_red = buf[..info.buffer_size()]
+            .chunks(channels)
+            .filter(|px| px.len() >= 3 && px[0] == 0xd0 && px[1] == 0x10 && px[2] == 0x10)
+            .count();
+        assert!(
+            violation_red > 20,
+            "the red violation mark is visible ({violation_red} pixels)"
+        );
+        Ok(())
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
             match &mut rig {
                 Some((r, dir)) => {
                     result.run_dir = dir.path.clone();
+                    // The timeline starts with the scenario, not with the boot before it.
+                    result.start_ns = crate::client::mono_ns();
                     let console_mark = console_len(r);
                     let outcome = (scenario.run)(r, &env, &mut suite);
                     process::check_interrupted()?;
