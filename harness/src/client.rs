@@ -35,6 +35,8 @@ pub struct LineClient {
     reader: BufReader<UnixStream>,
     partial: Vec<u8>,
     next_id: u64,
+    /// Replies that arrived while waiting for another id (concurrent requests).
+    stash: std::collections::HashMap<u64, Vec<u8>>,
     transcript: Option<File>,
 }
 
@@ -56,6 +58,10 @@ impl LineClient {
                 }
             }
         };
+        Self::from_stream(peer, stream)
+    }
+
+    pub fn from_stream(peer: &str, stream: UnixStream) -> Result<Self> {
         stream.set_read_timeout(Some(POLL))?;
         Ok(Self {
             peer: peer.to_string(),
@@ -63,6 +69,7 @@ impl LineClient {
             reader: BufReader::new(stream),
             partial: Vec::new(),
             next_id: 1,
+            stash: std::collections::HashMap::new(),
             transcript: None,
         })
     }
@@ -127,6 +134,13 @@ impl LineClient {
         timeout: Duration,
         on_wait: &mut dyn FnMut() -> Result<()>,
     ) -> Result<std::result::Result<T, ErrorReply>> {
+        let id = self.start(op)?;
+        self.finish(id, timeout, on_wait)
+    }
+
+    /// Sends `op` without waiting: the peer may answer requests out of order, so several can
+    /// be in flight (e.g. a reset held open while a write is posted). Returns the id.
+    pub fn start<Op: Serialize>(&mut self, op: Op) -> Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let line = wire::encode_line(&Request { id, op });
@@ -134,27 +148,47 @@ impl LineClient {
         self.writer
             .write_all(&line)
             .with_context(|| format!("sending a request to {}", self.peer))?;
+        Ok(id)
+    }
+
+    /// Waits for the reply to request `id`, keeping replies to other requests for later.
+    pub fn finish<T: DeserializeOwned>(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+        on_wait: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<std::result::Result<T, ErrorReply>> {
         let deadline = Instant::now() + timeout;
-        loop {
+        let line = loop {
+            if let Some(line) = self.stash.remove(&id) {
+                break line;
+            }
             let line = self
                 .read_line(deadline, on_wait)
                 .with_context(|| format!("waiting {timeout:?} for the reply to request {id}"))?;
-            let reply: Reply<T> = match wire::decode_line(&line) {
-                Ok(r) => r,
-                Err(e) => bail!(
-                    "{} sent a reply p2prig cannot parse ({e}): {}",
+            match wire::decode_line::<Reply<serde::de::IgnoredAny>>(&line) {
+                Ok(reply) if reply.id == id => break line,
+                Ok(reply) if reply.id < self.next_id => {
+                    self.stash.insert(reply.id, line);
+                }
+                _ => bail!(
+                    "{} sent a line that is no reply to a pending request: {}",
                     self.peer,
                     String::from_utf8_lossy(&line).trim_end()
                 ),
-            };
-            if reply.id != id {
-                continue; // a late reply to an earlier request that timed out
             }
-            return Ok(match reply.outcome {
-                Outcome::Ok(value) => Ok(value),
-                Outcome::Err(e) => Err(e),
-            });
-        }
+        };
+        let reply: Reply<T> = wire::decode_line(&line).map_err(|e| {
+            anyhow::anyhow!(
+                "{} sent a reply p2prig cannot parse ({e}): {}",
+                self.peer,
+                String::from_utf8_lossy(&line).trim_end()
+            )
+        })?;
+        Ok(match reply.outcome {
+            Outcome::Ok(value) => Ok(value),
+            Outcome::Err(e) => Err(e),
+        })
     }
 
     /// One JSON line per message: `{"mono_ns":..,"dir":"send"|"recv","msg":<the message>}`,
@@ -167,5 +201,51 @@ impl LineClient {
             let entry = serde_json::json!({"mono_ns": mono_ns(), "dir": dir, "msg": msg});
             let _ = writeln!(f, "{entry}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+
+    #[test]
+    fn out_of_order_replies_reach_their_requests() -> Result<()> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let mut client = LineClient::from_stream("peer", ours)?;
+        let first = client.start(serde_json::json!({"op": "reset"}))?;
+        let second = client.start(serde_json::json!({"op": "write"}))?;
+        let mut peer_reader = BufReader::new(theirs.try_clone()?);
+        let mut line = String::new();
+        for _ in 0..2 {
+            line.clear();
+            peer_reader.read_line(&mut line)?;
+        }
+        let mut peer = theirs;
+        writeln!(peer, "{{\"id\":{second},\"ok\":\"write-done\"}}")?;
+        writeln!(
+            peer,
+            "{{\"id\":{first},\"err\":{{\"errno\":16,\"message\":\"busy\"}}}}"
+        )?;
+        let timeout = Duration::from_secs(5);
+        let reset: std::result::Result<String, ErrorReply> =
+            client.finish(first, timeout, &mut || Ok(()))?;
+        assert_eq!(reset.err().map(|e| e.errno), Some(16));
+        let write: std::result::Result<String, ErrorReply> =
+            client.finish(second, timeout, &mut || Ok(()))?;
+        assert_eq!(write.ok().as_deref(), Some("write-done"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_reply_to_no_pending_request_is_an_error() -> Result<()> {
+        let (ours, mut theirs) = UnixStream::pair()?;
+        let mut client = LineClient::from_stream("peer", ours)?;
+        let id = client.start(serde_json::json!({"op": "x"}))?;
+        writeln!(theirs, "{{\"id\":99,\"ok\":1}}")?;
+        let got: Result<std::result::Result<u32, ErrorReply>> =
+            client.finish(id, Duration::from_secs(2), &mut || Ok(()));
+        assert!(got.is_err());
+        Ok(())
     }
 }
