@@ -371,16 +371,20 @@ mod tests {
             id: 2,
             op: AgentOp::Hello,
         }));
-        let first = session.reply();
-        let second = session.reply();
-        assert_eq!(
-            (first.id, second.id),
-            (2, 1),
-            "hello overtakes the waiting find_pci"
+        // Served one at a time, find_pci would give up waiting for hello (ETIMEDOUT). Served
+        // concurrently both succeed; which reply is written first is a race between the two
+        // threads once hello has run, so the order is not part of the promise.
+        let mut replies = [session.reply(), session.reply()];
+        replies.sort_by_key(|reply| reply.id);
+        let [find_pci, hello] = replies;
+        assert_eq!((find_pci.id, hello.id), (1, 2));
+        assert!(
+            matches!(find_pci.outcome, Outcome::Ok(AgentReply::Pci { .. })),
+            "find_pci waited for hello in vain: {find_pci:?}"
         );
         assert!(matches!(
-            second.outcome,
-            Outcome::Ok(AgentReply::Pci { .. })
+            hello.outcome,
+            Outcome::Ok(AgentReply::Hello { .. })
         ));
         session.finish();
     }
