@@ -3,10 +3,12 @@
 
 CARGO    ?= cargo
 KERNELS  ?= v1 v1-fixed
+# The scenarios `make test` and `make vm-test` run; `make vm-test-full` runs every one.
+SCENARIOS ?= smoke,export-args,p2p-doorbell
 P2PRIG   := target/release/p2prig
 RESULTS  := target/p2prig
 
-.PHONY: all deps build artifacts vm-test test fmt-check clippy unit report-render-test vm-sigint-test clean-runs
+.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit report-render-test vm-sigint-test clean-runs
 
 all: build
 
@@ -27,7 +29,12 @@ artifacts: build
 # against its expected outcome on that kernel.
 vm-test: artifacts
 	@mkdir -p $(RESULTS)
-	$(P2PRIG) run $(addprefix --kernel ,$(KERNELS)) --junit $(RESULTS)/junit.xml
+	$(P2PRIG) run $(addprefix --kernel ,$(KERNELS)) --scenario '$(SCENARIOS)' --junit $(RESULTS)/junit.xml
+
+# Every scenario, revoke windows included.
+vm-test-full: artifacts
+	@mkdir -p $(RESULTS)
+	$(P2PRIG) run $(addprefix --kernel ,$(KERNELS)) --junit $(RESULTS)/junit-full.xml
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

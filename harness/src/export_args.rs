@@ -42,6 +42,15 @@ struct Case {
 
 pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let device = open_nvme(rig)?;
+    let result = check_cases(rig, env, suite, device);
+    // Closed whatever happened, so the next scenario on this boot can open it.
+    let closed = rig.agent_call(AgentOp::VfioClose { device }, RPC_TIMEOUT)?;
+    result?;
+    closed.map_err(|e| anyhow::anyhow!("closing the VFIO device: {e}"))?;
+    Ok(())
+}
+
+fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32) -> Result<()> {
     let bar0 = region_size(rig, device, 0)?;
     let cmb = region_size(rig, device, 2)?;
     if bar0 < 4 * PAGE || cmb < 4 * PAGE {
@@ -187,9 +196,6 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
             }
         }
         suite.record(case.name, passed, detail, started.elapsed());
-    }
-    if let Err(e) = rig.agent_call(AgentOp::VfioClose { device }, RPC_TIMEOUT)? {
-        bail!("closing the VFIO device: {e}");
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ mod export_args;
 mod html;
 mod image;
 mod kernel;
+mod p2p;
 mod paths;
 mod process;
 mod qemu;

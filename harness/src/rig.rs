@@ -46,6 +46,9 @@ pub struct RigConfig {
     pub extra_cmdline: String,
 }
 
+/// MAC address of the guest's eth0.
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+
 /// Longest socket path we create: sun_path holds 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 100;
 
@@ -193,6 +196,12 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "xio3130-downstream,id=dp1,bus=sw0,chassis=3,slot=0".into(),
         "-device".into(),
         vfio_user,
+        // rxe's netdev, next to the NVMe function behind the switch. Until the roce-target
+        // peer is attached, a restricted user-mode backend: no route off the VM.
+        "-netdev".into(),
+        "user,id=net0,restrict=on".into(),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=net0,bus=dp1,addr=0,romfile=,mac={GUEST_MAC}"),
         "-device".into(),
         "virtio-serial-pci,id=vser0,bus=pcie.0".into(),
         "-chardev".into(),
@@ -321,11 +330,26 @@ impl Rig {
         op: AgentOp,
         timeout: Duration,
     ) -> Result<std::result::Result<AgentReply, ErrorReply>> {
+        let desc = format!("{op:?}");
+        let id = self.agent_start(op)?;
+        self.agent_finish(id, timeout).with_context(|| desc)
+    }
+
+    /// Sends an agent request without waiting for its reply (the agent serves requests
+    /// concurrently); collect the reply with [`Rig::agent_finish`].
+    pub fn agent_start(&mut self, op: AgentOp) -> Result<u64> {
+        self.agent.start(op)
+    }
+
+    pub fn agent_finish(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<std::result::Result<AgentReply, ErrorReply>> {
         let console = self.console.clone();
         let qemu = &mut self.qemu;
-        let desc = format!("{op:?}");
         self.agent
-            .call_while(op, timeout, &mut || {
+            .finish(id, timeout, &mut || {
                 if let Some(status) = qemu.try_status() {
                     bail!("QEMU exited ({status})");
                 }
@@ -334,7 +358,7 @@ impl Rig {
                 }
                 Ok(())
             })
-            .with_context(|| format!("agent request {desc}"))
+            .with_context(|| format!("agent request {id}"))
     }
 
     pub fn device_call(&mut self, op: DeviceOp) -> Result<DeviceReply> {

@@ -55,6 +55,26 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: crate::export_args::expect,
         run: crate::export_args::run,
     },
+    Scenario {
+        name: "p2p-doorbell",
+        summary: "rxe imports BAR0's doorbell page as a dma-buf MR; an 8-byte RDMA WRITE of 7 at \
+                  SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
+        expect: crate::p2p::expect_doorbell,
+        run: crate::p2p::run_doorbell,
+    },
+    Scenario {
+        name: "revoke-on-vfio-reset",
+        summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
+                  access error and never reaches the device; after the reset a new QP's write lands",
+        expect: crate::p2p::expect_revoke_reset,
+        run: crate::p2p::run_revoke_on_vfio_reset,
+    },
+    Scenario {
+        name: "revoke-on-mem-disable",
+        summary: "the same with PCI_COMMAND memory decode cleared, then set again",
+        expect: crate::p2p::expect_revoke_decode,
+        run: crate::p2p::run_revoke_on_mem_disable,
+    },
 ];
 
 /// Scenarios whose name matches `pattern` (`*` matches any run of characters; a comma

@@ -1,0 +1,790 @@
+//! In-guest peer-to-peer scenarios: rxe imports a VFIO BAR dma-buf as an MR and an RC QP
+//! pair on rxe0 (loopback) writes and reads it, so every access the importer makes reaches
+//! nvme-cmb, whose event log is the oracle. The revoke scenarios hold a reset (or decode off)
+//! open while a write is posted into the MR, and check that nothing reached the device.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+
+use p2prig_protocol::agent::{Access, AgentOp, AgentReply, Completion, SendOpcode};
+use p2prig_protocol::device::{DeviceOp, DeviceReply, EventFilter};
+use p2prig_protocol::event::{Access as BarAccess, Event, EventKind};
+
+use crate::export_args::open_nvme;
+use crate::report::Suite;
+use crate::rig::Rig;
+use crate::scenario::{Expect, ScenarioEnv};
+
+const RPC: Duration = Duration::from_secs(30);
+const PAGE: u64 = 0x1000;
+/// SQ1's tail doorbell: BAR0 + 0x1000 + 8 * 1 (NVMe 1.4 3.1.24, DSTRD 0).
+const SQ1TDBL: u64 = 0x1008;
+const GUEST_IP: &str = "10.0.2.15";
+/// enum ibv_wc_status
+const IBV_WC_SUCCESS: u32 = 0;
+const IBV_WC_REM_ACCESS_ERR: u32 = 10;
+/// How long a reset is held open so a write can be posted inside it.
+const RESET_WINDOW_MS: u64 = 1500;
+
+fn ok(
+    reply: std::result::Result<AgentReply, p2prig_protocol::wire::ErrorReply>,
+    what: &str,
+) -> Result<AgentReply> {
+    reply.map_err(|e| anyhow!("{what}: {e}"))
+}
+
+/// Agent resources a scenario created, released in reverse order when it ends whatever
+/// happened, so the next scenario on the same boot starts clean.
+#[derive(Debug, Default)]
+struct Held(Vec<AgentOp>);
+
+impl Held {
+    fn push(&mut self, release: AgentOp) {
+        self.0.push(release);
+    }
+
+    fn release(mut self, rig: &mut Rig) {
+        while let Some(op) = self.0.pop() {
+            // A resource may already be gone (a QP replaced after a revoke): ignore errors.
+            let _ = rig.agent_call(op, RPC);
+        }
+    }
+}
+
+/// Runs a scenario body and releases what it held, even when it failed.
+fn with_held(rig: &mut Rig, body: impl FnOnce(&mut Rig, &mut Held) -> Result<()>) -> Result<()> {
+    let mut held = Held::default();
+    let result = body(rig, &mut held);
+    held.release(rig);
+    result
+}
+
+/// Two connected RC QPs on rxe0: A posts, B's side owns the target MR.
+struct Loopback {
+    pd: u32,
+    cq_a: u32,
+    qp_a: u32,
+    qp_b: u32,
+    /// A's 8-byte source buffer.
+    src_mr: u32,
+}
+
+fn rdma_up(rig: &mut Rig, held: &mut Held) -> Result<u32> {
+    ok(
+        rig.agent_call(
+            AgentOp::NetUp {
+                ifname: "eth0".into(),
+                addr: GUEST_IP.into(),
+                prefix: 24,
+            },
+            RPC,
+        )?,
+        "eth0 up",
+    )?;
+    match rig.agent_call(
+        AgentOp::RdmaLinkAdd {
+            name: "rxe0".into(),
+            netdev: "eth0".into(),
+        },
+        RPC,
+    )? {
+        Ok(_) => {}
+        Err(e) if e.errno == libc::EEXIST => {}
+        Err(e) => bail!("rdma link add rxe0 netdev eth0: {e}"),
+    }
+    match ok(
+        rig.agent_call(
+            AgentOp::RdmaOpen {
+                name: "rxe0".into(),
+            },
+            RPC,
+        )?,
+        "open rxe0",
+    )? {
+        AgentReply::RdmaContext { context } => {
+            held.push(AgentOp::RdmaClose { context });
+            Ok(context)
+        }
+        other => bail!("open rxe0: unexpected {other:?}"),
+    }
+}
+
+fn connect_pair(rig: &mut Rig, context: u32, held: &mut Held) -> Result<Loopback> {
+    let gid = match ok(
+        rig.agent_call(AgentOp::RdmaGid { context }, RPC)?,
+        "rxe0 GID",
+    )? {
+        AgentReply::Gid { gid, .. } => gid,
+        other => bail!("gid: unexpected {other:?}"),
+    };
+    let pd = match ok(
+        rig.agent_call(AgentOp::AllocPd { context }, RPC)?,
+        "alloc PD",
+    )? {
+        AgentReply::Pd { pd } => {
+            held.push(AgentOp::DeallocPd { pd });
+            pd
+        }
+        other => bail!("pd: unexpected {other:?}"),
+    };
+    let mut cqs = Vec::new();
+    for _ in 0..2 {
+        match ok(
+            rig.agent_call(
+                AgentOp::CreateCq {
+                    context,
+                    entries: 64,
+                },
+                RPC,
+            )?,
+            "create CQ",
+        )? {
+            AgentReply::Cq { cq } => {
+                held.push(AgentOp::DestroyCq { cq });
+                cqs.push(cq);
+            }
+            other => bail!("cq: unexpected {other:?}"),
+        }
+    }
+    let mut qps = Vec::new();
+    for &cq in &cqs {
+        let op = AgentOp::CreateQp {
+            pd,
+            send_cq: cq,
+            recv_cq: cq,
+            max_send_wr: 16,
+            max_recv_wr: 16,
+        };
+        match ok(rig.agent_call(op, RPC)?, "create QP")? {
+            AgentReply::Qp { qp, qpn } => {
+                held.push(AgentOp::DestroyQp { qp });
+                qps.push((qp, qpn));
+            }
+            other => bail!("qp: unexpected {other:?}"),
+        }
+    }
+    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
+    for (i, &(qp, _)) in qps.iter().enumerate() {
+        let (_, remote_qpn) = qps[1 - i];
+        ok(
+            rig.agent_call(
+                AgentOp::QpInit {
+                    qp,
+                    access: access.clone(),
+                },
+                RPC,
+            )?,
+            "QP INIT",
+        )?;
+        let rtr = AgentOp::QpRtr {
+            qp,
+            remote_qpn,
+            remote_psn: 100,
+            remote_gid: gid.clone(),
+            path_mtu: 1024,
+            gid_index: None,
+            max_dest_rd_atomic: 1,
+            min_rnr_timer: 12,
+        };
+        ok(rig.agent_call(rtr, RPC)?, "QP RTR")?;
+        let rts = AgentOp::QpRts {
+            qp,
+            psn: 100,
+            timeout: 10,
+            retry_cnt: 2,
+            rnr_retry: 2,
+            max_rd_atomic: 1,
+        };
+        ok(rig.agent_call(rts, RPC)?, "QP RTS")?;
+    }
+    let src_mr = match ok(
+        rig.agent_call(
+            AgentOp::RegMr {
+                pd,
+                length: 4096,
+                access,
+            },
+            RPC,
+        )?,
+        "reg_mr",
+    )? {
+        AgentReply::Mr { mr, .. } => {
+            held.push(AgentOp::DeregMr { mr });
+            mr
+        }
+        other => bail!("mr: unexpected {other:?}"),
+    };
+    Ok(Loopback {
+        pd,
+        cq_a: cqs[0],
+        qp_a: qps[0].0,
+        qp_b: qps[1].0,
+        src_mr,
+    })
+}
+
+/// A fresh QP pair on the same PD (after a revoke the old ones are in error).
+fn reconnect(rig: &mut Rig, context: u32, old: &Loopback, held: &mut Held) -> Result<Loopback> {
+    for qp in [old.qp_a, old.qp_b] {
+        let _ = rig.agent_call(AgentOp::DestroyQp { qp }, RPC)?;
+    }
+    connect_pair(rig, context, held)
+}
+
+/// Registers `length` bytes at `offset` of the dma-buf as an MR; returns (mr, rkey).
+fn reg_dmabuf(
+    rig: &mut Rig,
+    held: &mut Held,
+    pd: u32,
+    dmabuf: u32,
+    offset: u64,
+    length: u64,
+) -> Result<std::result::Result<(u32, u32), String>> {
+    let op = AgentOp::RegDmabufMr {
+        pd,
+        dmabuf,
+        offset,
+        length,
+        iova: 0,
+        access: vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead],
+    };
+    Ok(match rig.agent_call(op, RPC)? {
+        Ok(AgentReply::Mr { mr, rkey, .. }) => {
+            held.push(AgentOp::DeregMr { mr });
+            Ok((mr, rkey))
+        }
+        Ok(other) => Err(format!("unexpected {other:?}")),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+/// Posts an RDMA op of `data.len()` bytes from A's buffer and waits for its completion.
+fn post(
+    rig: &mut Rig,
+    lb: &Loopback,
+    opcode: SendOpcode,
+    data: &[u8],
+    remote_addr: u64,
+    rkey: u32,
+    wr_id: u64,
+) -> Result<Option<Completion>> {
+    let id = post_start(rig, lb, opcode, data, remote_addr, rkey, wr_id)?;
+    ok(rig.agent_finish(id, RPC)?, "post_send")?;
+    poll_one(rig, lb.cq_a, 5000)
+}
+
+fn post_start(
+    rig: &mut Rig,
+    lb: &Loopback,
+    opcode: SendOpcode,
+    data: &[u8],
+    remote_addr: u64,
+    rkey: u32,
+    wr_id: u64,
+) -> Result<u64> {
+    if opcode == SendOpcode::RdmaWrite {
+        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        ok(
+            rig.agent_call(
+                AgentOp::MrWrite {
+                    mr: lb.src_mr,
+                    offset: 0,
+                    data: hex,
+                },
+                RPC,
+            )?,
+            "fill the source buffer",
+        )?;
+    }
+    let length = u32::try_from(data.len())?;
+    rig.agent_start(AgentOp::PostSend {
+        qp: lb.qp_a,
+        wr_id,
+        opcode,
+        mr: Some(lb.src_mr),
+        offset: 0,
+        length,
+        remote_addr,
+        rkey,
+        signaled: true,
+    })
+}
+
+fn poll_one(rig: &mut Rig, cq: u32, timeout_ms: u64) -> Result<Option<Completion>> {
+    match ok(
+        rig.agent_call(
+            AgentOp::PollCq {
+                cq,
+                count: 1,
+                timeout_ms,
+            },
+            RPC,
+        )?,
+        "poll CQ",
+    )? {
+        AgentReply::Completions { mut completions } => Ok(completions.pop()),
+        other => bail!("poll: unexpected {other:?}"),
+    }
+}
+
+fn last_seq(rig: &mut Rig) -> Result<u64> {
+    match rig.device_call(DeviceOp::EventsSince {
+        since: u64::MAX,
+        limit: Some(0),
+    })? {
+        DeviceReply::Events { last_seq, .. } => Ok(last_seq),
+        other => bail!("nvme-cmb: unexpected {other:?}"),
+    }
+}
+
+fn events_since(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
+    match rig.device_call(DeviceOp::EventsSince { since, limit: None })? {
+        DeviceReply::Events { events, .. } => Ok(events),
+        other => bail!("nvme-cmb: unexpected {other:?}"),
+    }
+}
+
+/// Waits briefly so posted MMIO writes have reached the device, then returns BAR0 doorbell
+/// page accesses (and violations there) after `since`.
+fn doorbell_events(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(events_since(rig, since)?
+        .into_iter()
+        .filter(|e| {
+            matches!(&e.kind,
+            EventKind::Bar { bar: 0, offset, .. } | EventKind::Violation { bar: 0, offset, .. }
+                if (PAGE..2 * PAGE).contains(offset))
+        })
+        .collect())
+}
+
+/// The bytes written into [offset, offset + 8) by BAR0 write events, and whether every event
+/// was a write inside that range.
+fn written_qword(events: &[Event], offset: u64) -> (Option<u64>, bool) {
+    let mut bytes = [None::<u8>; 8];
+    let mut only_these = true;
+    for e in events {
+        match &e.kind {
+            EventKind::Bar {
+                access: BarAccess::Write,
+                offset: o,
+                size,
+                value: Some(v),
+                ..
+            } if *o >= offset && *o + u64::from(*size) <= offset + 8 => {
+                for i in 0..*size as usize {
+                    bytes[(*o - offset) as usize + i] = Some((v >> (8 * i)) as u8);
+                }
+            }
+            _ => only_these = false,
+        }
+    }
+    let value = bytes
+        .iter()
+        .enumerate()
+        .try_fold(0u64, |acc, (i, b)| b.map(|b| acc | u64::from(b) << (8 * i)));
+    (value, only_these)
+}
+
+fn describe(events: &[Event]) -> String {
+    serde_json::to_string(events).unwrap_or_default()
+}
+
+fn status_text(c: &Option<Completion>) -> String {
+    match c {
+        Some(c) => format!("status {} ({})", c.status, c.status_name),
+        None => "no completion".into(),
+    }
+}
+
+// ---------------------------------------------------------------- p2p-doorbell
+
+pub fn expect_doorbell(_flavor: &str) -> Expect {
+    Expect::Pass
+}
+
+/// QP A writes 7 (8 bytes) into QP B's dma-buf MR over BAR0's doorbell page at SQ1TDBL: the
+/// device must log exactly that write.
+pub fn run_doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| doorbell(rig, env, suite, held))
+}
+
+fn open_device(rig: &mut Rig, held: &mut Held) -> Result<u32> {
+    let device = open_nvme(rig)?;
+    held.push(AgentOp::VfioClose { device });
+    Ok(device)
+}
+
+fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -> Result<()> {
+    let t = Instant::now();
+    let device = open_device(rig, held)?;
+    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
+    let context = rdma_up(rig, held)?;
+    let lb = connect_pair(rig, context, held)?;
+    suite.record("rxe0-loopback-pair", true, "", t.elapsed());
+    let t = Instant::now();
+    let (_mr, rkey) = match reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)? {
+        Ok(v) => v,
+        Err(e) => {
+            suite.record("reg-dmabuf-mr", false, e, t.elapsed());
+            return Ok(());
+        }
+    };
+    suite.record(
+        "reg-dmabuf-mr",
+        true,
+        format!("rkey {rkey:#x} over BAR0 {PAGE:#x}+{PAGE:#x}"),
+        t.elapsed(),
+    );
+    let t = Instant::now();
+    let since = last_seq(rig)?;
+    let wc = post(
+        rig,
+        &lb,
+        SendOpcode::RdmaWrite,
+        &7u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        1,
+    )?;
+    let success = matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS);
+    suite.record(
+        "rdma-write-completes",
+        success,
+        status_text(&wc),
+        t.elapsed(),
+    );
+    let events = doorbell_events(rig, since)?;
+    let (value, only_these) = written_qword(&events, SQ1TDBL);
+    suite.record(
+        "device-sees-one-doorbell-write",
+        value == Some(7) && only_these && !events.is_empty(),
+        format!("at BAR0+{SQ1TDBL:#x}: {}", describe(&events)),
+        t.elapsed(),
+    );
+    Ok(())
+}
+
+fn export(
+    rig: &mut Rig,
+    held: &mut Held,
+    device: u32,
+    bar: u32,
+    offset: u64,
+    length: u64,
+    env: &ScenarioEnv,
+) -> Result<u32> {
+    let op = AgentOp::DmabufExport {
+        device,
+        bar,
+        offset,
+        length,
+        uapi: env.uapi,
+    };
+    match ok(rig.agent_call(op, RPC)?, "export the dma-buf")? {
+        AgentReply::Dmabuf { dmabuf, .. } => {
+            held.push(AgentOp::DmabufClose { dmabuf });
+            Ok(dmabuf)
+        }
+        other => bail!("export: unexpected {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- revoke windows
+
+/// How a revoke window is opened and closed.
+#[derive(Debug, Clone, Copy)]
+enum Window {
+    VfioReset,
+    MemoryDecodeOff,
+}
+
+pub fn expect_revoke_reset(flavor: &str) -> Expect {
+    match flavor {
+        "v1" => Expect::Fail(
+            "B1: the seed's revoke flag is inverted, so VFIO_DEVICE_RESET revokes nothing: the \
+             importer's write reaches the function mid-reset, and after the reset the re-map \
+             fails (-ENODEV) and the MR stays dead",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
+pub fn expect_revoke_decode(flavor: &str) -> Expect {
+    match flavor {
+        "v1" => Expect::Fail(
+            "B1: with the inverted flag, clearing memory decode revokes nothing (the write \
+             reaches a function that is not decoding) and setting it again kills the importer",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
+pub fn run_revoke_on_vfio_reset(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        revoke_window(rig, env, suite, held, Window::VfioReset)
+    })
+}
+
+pub fn run_revoke_on_mem_disable(
+    rig: &mut Rig,
+    env: &ScenarioEnv,
+    suite: &mut Suite,
+) -> Result<()> {
+    with_held(rig, |rig, held| {
+        revoke_window(rig, env, suite, held, Window::MemoryDecodeOff)
+    })
+}
+
+fn revoke_window(
+    rig: &mut Rig,
+    env: &ScenarioEnv,
+    suite: &mut Suite,
+    held: &mut Held,
+    window: Window,
+) -> Result<()> {
+    let t = Instant::now();
+    let device = open_device(rig, held)?;
+    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
+    let context = rdma_up(rig, held)?;
+    let lb = connect_pair(rig, context, held)?;
+    let (_mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
+        .map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
+    let since = last_seq(rig)?;
+    let wc = post(
+        rig,
+        &lb,
+        SendOpcode::RdmaWrite,
+        &1u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        1,
+    )?;
+    let landed = written_qword(&doorbell_events(rig, since)?, SQ1TDBL).0 == Some(1);
+    suite.record(
+        "write-lands-before-the-window",
+        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
+        status_text(&wc),
+        t.elapsed(),
+    );
+
+    // Open the window.
+    let t = Instant::now();
+    let window_seq = last_seq(rig)?;
+    let mut reset_request = None;
+    match window {
+        Window::VfioReset => {
+            expect_done(rig.device_call(DeviceOp::SetResetDuration {
+                ms: RESET_WINDOW_MS,
+            })?)?;
+            reset_request = Some(rig.agent_start(AgentOp::VfioReset { device })?);
+            let filter = EventFilter {
+                kind: Some("reset_start".into()),
+                ..EventFilter::default()
+            };
+            match rig.device_call(DeviceOp::WaitFor {
+                filter,
+                since: Some(window_seq),
+                timeout_ms: 5000,
+            })? {
+                DeviceReply::WaitResult { event: Some(_), .. } => {}
+                other => bail!("the device never entered reset after VFIO_DEVICE_RESET: {other:?}"),
+            }
+        }
+        Window::MemoryDecodeOff => {
+            let command = config_read(rig, device, 4, 2)?;
+            ok(
+                rig.agent_call(
+                    AgentOp::ConfigWrite {
+                        device,
+                        offset: 4,
+                        width: 2,
+                        value: command & !0x2,
+                    },
+                    RPC,
+                )?,
+                "clear PCI_COMMAND memory",
+            )?;
+        }
+    }
+    let posted_ns = crate::client::mono_ns();
+    let wc = post(
+        rig,
+        &lb,
+        SendOpcode::RdmaWrite,
+        &9u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        2,
+    )?;
+    let refused = matches!(&wc, Some(c) if c.status == IBV_WC_REM_ACCESS_ERR);
+    suite.record(
+        "write-in-window-gets-remote-access-error",
+        refused,
+        status_text(&wc),
+        t.elapsed(),
+    );
+
+    // Close the window.
+    let t = Instant::now();
+    match window {
+        Window::VfioReset => {
+            if let Some(id) = reset_request {
+                ok(rig.agent_finish(id, RPC)?, "VFIO_DEVICE_RESET")?;
+            }
+            expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
+        }
+        Window::MemoryDecodeOff => {
+            let command = config_read(rig, device, 4, 2)?;
+            ok(
+                rig.agent_call(
+                    AgentOp::ConfigWrite {
+                        device,
+                        offset: 4,
+                        width: 2,
+                        value: command | 0x2,
+                    },
+                    RPC,
+                )?,
+                "set PCI_COMMAND memory",
+            )?;
+        }
+    }
+    let in_window: Vec<Event> = doorbell_events(rig, window_seq)?;
+    let window_end = window_end_ns(&events_since(rig, window_seq)?, window);
+    suite.record(
+        "window-was-open-when-the-write-was-posted",
+        window_end.is_some_and(|end| end > posted_ns),
+        format!("posted at {posted_ns} ns, window closed at {window_end:?} ns"),
+        t.elapsed(),
+    );
+    let reached: Vec<&Event> = in_window
+        .iter()
+        .filter(|e| {
+            matches!(
+                &e.kind,
+                EventKind::Bar {
+                    access: BarAccess::Write,
+                    ..
+                } | EventKind::Violation { .. }
+            )
+        })
+        .collect();
+    suite.record(
+        "no-importer-access-reaches-the-device",
+        reached.is_empty(),
+        if reached.is_empty() {
+            "none".into()
+        } else {
+            serde_json::to_string(&reached).unwrap_or_default()
+        },
+        Duration::ZERO,
+    );
+
+    // After the window: fresh QPs, the same MR.
+    let t = Instant::now();
+    let lb = reconnect(rig, context, &lb, held)?;
+    let since = last_seq(rig)?;
+    let wc = post(
+        rig,
+        &lb,
+        SendOpcode::RdmaWrite,
+        &11u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        3,
+    )?;
+    let events = doorbell_events(rig, since)?;
+    let landed = written_qword(&events, SQ1TDBL).0 == Some(11);
+    suite.record(
+        "importer-maps-again-after-restore",
+        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
+        format!("{}; device: {}", status_text(&wc), describe(&events)),
+        t.elapsed(),
+    );
+    Ok(())
+}
+
+fn window_end_ns(events: &[Event], window: Window) -> Option<u64> {
+    events
+        .iter()
+        .find(|e| {
+            matches!(
+                (&e.kind, window),
+                (EventKind::ResetEnd { .. }, Window::VfioReset)
+                    | (EventKind::Decode { enabled: true }, Window::MemoryDecodeOff)
+            )
+        })
+        .map(|e| e.mono_ns)
+}
+
+fn config_read(rig: &mut Rig, device: u32, offset: u64, width: u8) -> Result<u64> {
+    match ok(
+        rig.agent_call(
+            AgentOp::ConfigRead {
+                device,
+                offset,
+                width,
+            },
+            RPC,
+        )?,
+        "config read",
+    )? {
+        AgentReply::Value { value } => Ok(value),
+        other => bail!("config read: unexpected {other:?}"),
+    }
+}
+
+fn expect_done(reply: DeviceReply) -> Result<()> {
+    match reply {
+        DeviceReply::Done => Ok(()),
+        other => bail!("nvme-cmb: unexpected {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(seq: u64, offset: u64, size: u32, value: u64) -> Event {
+        Event {
+            seq,
+            mono_ns: seq,
+            generation: 0,
+            kind: EventKind::Bar {
+                access: BarAccess::Write,
+                bar: 0,
+                offset,
+                size,
+                value: Some(value),
+                data: None,
+            },
+        }
+    }
+
+    #[test]
+    fn one_qword_or_two_dwords_make_the_same_value() {
+        assert_eq!(
+            written_qword(&[write(1, 0x1008, 8, 7)], 0x1008),
+            (Some(7), true)
+        );
+        assert_eq!(
+            written_qword(&[write(1, 0x1008, 4, 7), write(2, 0x100c, 4, 0)], 0x1008),
+            (Some(7), true)
+        );
+    }
+
+    #[test]
+    fn partial_or_stray_writes_do_not_count() {
+        assert_eq!(
+            written_qword(&[write(1, 0x1008, 4, 7)], 0x1008).0,
+            None,
+            "upper half missing"
+        );
+        let (value, only) =
+            written_qword(&[write(1, 0x1008, 8, 7), write(2, 0x1000, 4, 1)], 0x1008);
+        assert_eq!(value, Some(7));
+        assert!(!only, "a write to SQ0TDBL is a stray access");
+    }
+}
