@@ -12,7 +12,7 @@
 #   KERNEL_TARBALL       optional: build from this tarball instead (no checksum pin then)
 #   KSRC_VERSION KSRC_DEB_PACKAGE KSRC_DEB_VERSION KSRC_DEB_SHA256 KSRC_TARBALL_IN_DEB
 #   KSRC_TARBALL_SHA256  the Debian source package and the tarball inside it
-#   KSRC_ORG_URL KSRC_ORG_SHA256   optional fallback tarball (e.g. kernel.org), pinned
+#   KSRC_ORG_URL KSRC_ORG_SHA256   optional fallback tarball (upstream release), pinned
 #   KSERIES              newline-separated patch directories, applied in order (git am)
 #   KFRAGMENTS           newline-separated config fragments, merged in order
 # Outputs: <out-dir>/bzImage, <out-dir>/config (the final .config), <out-dir>/release.
