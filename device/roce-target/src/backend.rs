@@ -21,6 +21,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::engine::{Engine, Link};
@@ -43,7 +46,9 @@ pub const MAX_TX_FRAME: usize = 65_536;
 
 /// The features we really implement (VIRTIO 1.2 5.1.3): the modern header, the MAC and the
 /// link status in config space, indirect descriptors (virtio-queue walks them), and
-/// vhost-user protocol features. No offloads, no mergeable buffers, no event index.
+/// vhost-user protocol features (QEMU's vhost-user-net will not start without them; see
+/// [`crate::proxy`] for the ordering problem they bring). No offloads, no mergeable buffers,
+/// no event index.
 pub fn device_features() -> u64 {
     (1 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_NET_F_MAC)
@@ -378,9 +383,10 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        // No CONFIG: QEMU's vhost-user-net keeps the virtio-net config space itself (MAC
+        // from -device mac=) and warns about a backend offering it; get_config still
+        // answers for other front ends.
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -394,6 +400,13 @@ impl VhostUserBackend for NetBackend {
         let mut out = config[start..end].to_vec();
         out.resize(size.min(256) as usize, 0);
         out
+    }
+
+    /// A fresh exit event per worker thread: without one the crate's worker never leaves its
+    /// epoll loop, and dropping the daemon after a disconnect joins it for ever, so the
+    /// next QEMU connection would never be accepted.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {

@@ -13,5 +13,6 @@ pub mod frame;
 pub mod headers;
 pub mod memory;
 pub mod pcap;
+pub mod proxy;
 
 pub use engine::{Engine, EngineConfig, EngineError, Link};

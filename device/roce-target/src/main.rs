@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use roce_target::backend::{
-    lock_engine, GuestLink, GuestQueue, NetBackend, SharedEngine, FRAMES_WAITING_EVENT,
+    lock_engine, GuestLink, GuestQueue, NetBackend, SharedEngine, FRAMES_WAITING_EVENT, NUM_QUEUES,
 };
-use roce_target::control::{ControlContext, ControlSocket};
+use roce_target::control::{bind_unix, ControlContext, ControlSocket};
 use roce_target::frame::parse_mac;
+use roce_target::proxy::filter_connection;
 use roce_target::{Engine, EngineConfig};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -84,7 +85,7 @@ fn block_exit_signals() -> Result<libc::sigset_t> {
 /// Serves QEMU connections one after another, for ever: a guest reboot or a QEMU restart
 /// is just the next connection.
 fn serve_vhost_user(
-    mut listener: Listener,
+    mut backend_listener: Listener,
     backend: NetBackend,
     queue: Arc<GuestQueue>,
     connections: Arc<AtomicU64>,
@@ -113,7 +114,7 @@ fn serve_vhost_user(
                 eprintln!("roce-target: registering the frame eventfd: {e}");
             }
         }
-        if let Err(e) = daemon.start(&mut listener) {
+        if let Err(e) = daemon.start(&mut backend_listener) {
             eprintln!("roce-target: accepting a vhost-user connection: {e}");
             std::thread::sleep(Duration::from_millis(100));
             continue;
@@ -165,7 +166,12 @@ fn main() -> Result<()> {
         .socket
         .to_str()
         .with_context(|| format!("{} is not UTF-8", cli.socket.display()))?;
-    let listener = Listener::new(socket, true)
+    // QEMU connects to `socket`, served by the filter in `proxy`; the vhost crate's handler
+    // listens next to it on `<socket>.backend`.
+    let backend_socket = format!("{socket}.backend");
+    let backend_listener = Listener::new(&backend_socket, true)
+        .with_context(|| format!("creating the inner vhost-user socket {backend_socket}"))?;
+    let front = bind_unix(&cli.socket)
         .with_context(|| format!("creating the vhost-user socket {socket}"))?;
     let backend = NetBackend::new(Arc::clone(&engine), Arc::clone(&queue), cli.mac);
 
@@ -181,8 +187,28 @@ fn main() -> Result<()> {
         let queue = Arc::clone(&queue);
         std::thread::Builder::new()
             .name("vhost-user".into())
-            .spawn(move || serve_vhost_user(listener, backend, queue, connections))
+            .spawn(move || serve_vhost_user(backend_listener, backend, queue, connections))
             .context("starting the vhost-user thread")?;
+    }
+    {
+        let backend_socket = PathBuf::from(&backend_socket);
+        std::thread::Builder::new()
+            .name("vhost-user-filter".into())
+            .spawn(move || {
+                for stream in front.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    // One QEMU at a time: the handler serves connections in turn.
+                    match filter_connection(stream, &backend_socket, NUM_QUEUES as u32) {
+                        Ok(report) if report.early_enables > 0 => eprintln!(
+                            "roce-target: answered {} early SET_VRING_ENABLE",
+                            report.early_enables
+                        ),
+                        Ok(_) => {}
+                        Err(e) => eprintln!("roce-target: vhost-user relay: {e}"),
+                    }
+                }
+            })
+            .context("starting the vhost-user filter thread")?;
     }
     {
         // Retransmission and RNR timers at 1 ms resolution (IBTA timers are coarser).
@@ -211,7 +237,7 @@ fn main() -> Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = lock_engine(&engine).pcap_stop();
-    for path in [&cli.control, &cli.socket] {
+    for path in [&cli.control, &cli.socket, &PathBuf::from(&backend_socket)] {
         let _ = std::fs::remove_file(path);
     }
     eprintln!("roce-target: signal {signal}, exiting");
