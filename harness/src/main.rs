@@ -6,6 +6,7 @@ mod byo;
 mod cache;
 mod client;
 mod console;
+mod device_identity;
 mod export_args;
 mod html;
 mod image;

@@ -49,6 +49,13 @@ pub const SCENARIOS: &[Scenario] = &[
         run: crate::smoke::run,
     },
     Scenario {
+        name: "device-identity",
+        summary: "the guest sees nvme-cmb's class code, 64-bit BARs, CMB registers naming BAR2 \
+                  and FLR among its reset methods; a sysfs reset reaches the device as an FLR",
+        expect: always_pass,
+        run: crate::device_identity::run,
+    },
+    Scenario {
         name: "export-args",
         summary: "whole BARs and page-aligned slices export with the requested size; unaligned, \
                   out-of-range, overflowing, ROM/config/absent-BAR and zero-length arguments give EINVAL",

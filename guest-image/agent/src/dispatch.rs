@@ -86,6 +86,12 @@ pub fn describe(op: &AgentOp) -> String {
         AgentOp::FindPci { class } => format!("find_pci class {class:#08x}"),
         AgentOp::VfioBind { bdf } => format!("vfio_bind {bdf}"),
         AgentOp::VfioOpen { bdf } => format!("vfio_open {bdf}"),
+        AgentOp::PciAttrRead { bdf, attribute } => format!("pci_attr_read {bdf} {attribute}"),
+        AgentOp::PciAttrWrite {
+            bdf,
+            attribute,
+            value,
+        } => format!("pci_attr_write {bdf} {attribute} {value:?}"),
         AgentOp::VfioClose { device } => format!("vfio_close device {device}"),
         AgentOp::DmabufExport {
             device,
@@ -279,6 +285,17 @@ impl<P: Platform> Agent<P> {
             }
             AgentOp::VfioBind { bdf } => {
                 self.platform.vfio_bind(bdf)?;
+                Ok(AgentReply::Done)
+            }
+            AgentOp::PciAttrRead { bdf, attribute } => Ok(AgentReply::Text {
+                text: self.platform.pci_attr_read(bdf, attribute)?,
+            }),
+            AgentOp::PciAttrWrite {
+                bdf,
+                attribute,
+                value,
+            } => {
+                self.platform.pci_attr_write(bdf, attribute, value)?;
                 Ok(AgentReply::Done)
             }
             AgentOp::VfioOpen { bdf } => {
@@ -632,6 +649,13 @@ pub(crate) mod fake {
             } else {
                 Err(AgentError::NotFound(format!("no PCI function {bdf}")))
             }
+        }
+        fn pci_attr_read(&self, bdf: &str, attribute: &str) -> Result<String> {
+            self.vfio_bind(bdf)?;
+            Ok(format!("{attribute} of {bdf}\n"))
+        }
+        fn pci_attr_write(&self, bdf: &str, _attribute: &str, _value: &str) -> Result<()> {
+            self.vfio_bind(bdf)
         }
         fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {
             lock(&self.devices)

@@ -17,6 +17,8 @@ pub trait Platform: Send + Sync {
     fn kernel_release(&self) -> Result<String>;
     fn find_pci(&self, class: u32) -> Result<Vec<String>>;
     fn vfio_bind(&self, bdf: &str) -> Result<()>;
+    fn pci_attr_read(&self, bdf: &str, attribute: &str) -> Result<String>;
+    fn pci_attr_write(&self, bdf: &str, attribute: &str, value: &str) -> Result<()>;
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>>;
     fn dmesg(&self) -> Result<String>;
     /// Syncs and powers off; returns only when that is impossible (then the caller goes on).
@@ -117,6 +119,14 @@ impl Platform for LinuxPlatform {
 
     fn vfio_bind(&self, bdf: &str) -> Result<()> {
         self.paths.bind_vfio(bdf)
+    }
+
+    fn pci_attr_read(&self, bdf: &str, attribute: &str) -> Result<String> {
+        self.paths.read_pci_attribute(bdf, attribute)
+    }
+
+    fn pci_attr_write(&self, bdf: &str, attribute: &str, value: &str) -> Result<()> {
+        self.paths.write_pci_attribute(bdf, attribute, value)
     }
 
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {

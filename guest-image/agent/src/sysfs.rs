@@ -125,6 +125,30 @@ impl SystemPaths {
 
     /// Binds `bdf` to vfio-pci: driver_override, unbind from the current driver, drivers_probe,
     /// then checks the driver link. Already bound to vfio-pci is success.
+    /// A PCI function's attribute file; the name is one path component of [A-Za-z0-9_].
+    fn pci_attribute(&self, bdf: &str, attribute: &str) -> Result<PathBuf> {
+        let valid = !attribute.is_empty()
+            && attribute
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(AgentError::Invalid(format!(
+                "{attribute:?} is not a PCI sysfs attribute name (letters, digits, underscore)"
+            )));
+        }
+        Ok(self.pci_device(bdf)?.join(attribute))
+    }
+
+    pub fn read_pci_attribute(&self, bdf: &str, attribute: &str) -> Result<String> {
+        let path = self.pci_attribute(bdf, attribute)?;
+        fs::read_to_string(&path)
+            .map_err(|e| AgentError::os(format!("reading {}", path.display()), e))
+    }
+
+    pub fn write_pci_attribute(&self, bdf: &str, attribute: &str, value: &str) -> Result<()> {
+        write_attribute(&self.pci_attribute(bdf, attribute)?, value)
+    }
+
     pub fn bind_vfio(&self, bdf: &str) -> Result<()> {
         let dir = self.pci_device(bdf)?;
         write_attribute(&dir.join("driver_override"), VFIO_PCI_DRIVER)?;
@@ -359,6 +383,31 @@ mod tests {
             "",
             "no probe needed"
         );
+    }
+
+    #[test]
+    fn pci_attributes_are_read_and_written_by_name_only() {
+        let system = FakeSystem::new();
+        let dir = system.add_function("0000:02:00.0", 0x010802, None);
+        fs::write(dir.join("reset"), "").expect("a reset attribute");
+        let text = system
+            .paths
+            .read_pci_attribute("0000:02:00.0", "class")
+            .expect("class readable");
+        assert_eq!(text.trim(), "0x010802");
+        system
+            .paths
+            .write_pci_attribute("0000:02:00.0", "reset", "1")
+            .expect("reset writable");
+        let reset = system.paths.sys.join("bus/pci/devices/0000:02:00.0/reset");
+        assert_eq!(fs::read_to_string(reset).expect("read back"), "1");
+        for bad in ["../../../etc/passwd", "driver/unbind", "", "a b"] {
+            let error = system
+                .paths
+                .read_pci_attribute("0000:02:00.0", bad)
+                .expect_err("refused");
+            assert_eq!(error.errno(), libc::EINVAL, "{bad:?}");
+        }
     }
 
     #[test]

@@ -149,6 +149,18 @@ pub enum AgentOp {
         device: u32,
         index: u32,
     },
+    /// Read a sysfs attribute of a PCI function (`/sys/bus/pci/devices/<bdf>/<attribute>`,
+    /// e.g. "class", "resource", "reset_method"); answers `text`.
+    PciAttrRead {
+        bdf: String,
+        attribute: String,
+    },
+    /// Write `value` to a PCI function's sysfs attribute (e.g. "1" to "reset").
+    PciAttrWrite {
+        bdf: String,
+        attribute: String,
+        value: String,
+    },
     /// Sleep on the agent side, then answer `done`; lets tests hold a request in flight.
     Sleep {
         ms: u64,
