@@ -139,8 +139,11 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let mut cmdline =
-        String::from("console=ttyS0 panic=-1 vfio.enable_unsafe_noiommu_mode=1 rdinit=/init");
+    // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can miss
+    // its ticks and panic ("IO-APIC + timer doesn't work!"); the check means nothing in a VM.
+    let mut cmdline = String::from(
+        "console=ttyS0 panic=-1 no_timer_check vfio.enable_unsafe_noiommu_mode=1 rdinit=/init",
+    );
     if !cfg.extra_cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&cfg.extra_cmdline);
@@ -303,12 +306,15 @@ impl Rig {
         loop {
             let line = agent
                 .read_line(deadline, &mut || watch(&mut qemu))
-                .map_err(|e| {
-                    anyhow!(
+                .map_err(|e| match console::fatal_excerpt(&console_path) {
+                    // QEMU exits on a panic (panic=-1, -no-reboot): name the crash, not the
+                    // closed socket.
+                    Some(excerpt) => anyhow!("the guest kernel crashed during boot:\n{excerpt}"),
+                    None => anyhow!(
                         "{e:#}\nthe guest agent did not become ready within {:?}; console tail:\n{}",
                         cfg.boot_timeout,
                         crate::recipe::tail_lines(&console_path, 25)
-                    )
+                    ),
                 })?;
             if String::from_utf8_lossy(&line).trim() == READY_BANNER {
                 break;
@@ -483,6 +489,7 @@ mod tests {
         assert!(joined.contains("-bios /usr/share/qemu/qboot.rom"));
         assert!(joined.contains("name=p2prig.agent"));
         assert!(joined.contains("vfio.enable_unsafe_noiommu_mode=1"));
+        assert!(joined.contains("no_timer_check"));
         assert!(joined.contains("-initrd /i/initramfs.cpio.gz"));
     }
 
