@@ -186,6 +186,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
             bzimage: first_kernel.bzimage,
             initramfs: Some(image.initramfs),
             nvme_cmb: paths::workspace_binary("nvme-cmb")?,
+            roce_target: paths::workspace_binary("roce-target")?,
             accel,
             memory_mib: args.memory,
             boot_timeout: Duration::from_secs(args.boot_timeout),

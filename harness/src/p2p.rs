@@ -10,6 +10,9 @@ use anyhow::{anyhow, bail, Result};
 use p2prig_protocol::agent::{Access, AgentOp, AgentReply, Completion, SendOpcode};
 use p2prig_protocol::device::{DeviceOp, DeviceReply, EventFilter};
 use p2prig_protocol::event::{Access as BarAccess, Event, EventKind};
+use p2prig_protocol::target::{
+    Completion as TargetCompletion, CompletionStatus, QpSettings, Sge, TargetOp, TargetReply,
+};
 
 use crate::export_args::open_nvme;
 use crate::report::Suite;
@@ -489,6 +492,249 @@ fn export(
         }
         other => bail!("export: unexpected {other:?}"),
     }
+}
+
+// ---------------------------------------------------------------- remote peer
+
+fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {
+    let desc = format!("{op:?}");
+    rig.target_call(op)
+        .and_then(|r| r.map_err(|e| anyhow!("{e}")))
+        .map_err(|e| anyhow!("roce-target {desc}: {e:#}"))
+}
+
+/// Connects a guest RC QP with a fresh roce-target QP (parameters exchanged here, out of
+/// band, as the design has it: no RDMA CM). Returns the guest QP handle and the target's QPN.
+fn connect_to_target(
+    rig: &mut Rig,
+    context: u32,
+    pd: u32,
+    held: &mut Held,
+) -> Result<(u32, u32, u32)> {
+    let endpoint = match target_call(rig, TargetOp::CreateQp(QpSettings::default()))? {
+        TargetReply::Qp(endpoint) => endpoint,
+        other => bail!("roce-target create_qp: unexpected {other:?}"),
+    };
+    // A permanent neighbour entry: rxe's RTR needs the peer's MAC, and ARP timing is not
+    // what this scenario is about.
+    ok(
+        rig.agent_call(
+            AgentOp::NeighAdd {
+                ifname: "eth0".into(),
+                ip: endpoint.ip.clone(),
+                mac: endpoint.mac.clone(),
+            },
+            RPC,
+        )?,
+        "neighbour entry for roce-target",
+    )?;
+    let guest_gid = match ok(
+        rig.agent_call(AgentOp::RdmaGid { context }, RPC)?,
+        "rxe0 GID",
+    )? {
+        AgentReply::Gid { gid, .. } => gid,
+        other => bail!("gid: unexpected {other:?}"),
+    };
+    let cq = match ok(
+        rig.agent_call(
+            AgentOp::CreateCq {
+                context,
+                entries: 64,
+            },
+            RPC,
+        )?,
+        "create CQ",
+    )? {
+        AgentReply::Cq { cq } => {
+            held.push(AgentOp::DestroyCq { cq });
+            cq
+        }
+        other => bail!("cq: unexpected {other:?}"),
+    };
+    let (qp, qpn) = match ok(
+        rig.agent_call(
+            AgentOp::CreateQp {
+                pd,
+                send_cq: cq,
+                recv_cq: cq,
+                max_send_wr: 16,
+                max_recv_wr: 16,
+            },
+            RPC,
+        )?,
+        "create QP",
+    )? {
+        AgentReply::Qp { qp, qpn } => {
+            held.push(AgentOp::DestroyQp { qp });
+            (qp, qpn)
+        }
+        other => bail!("qp: unexpected {other:?}"),
+    };
+    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
+    ok(
+        rig.agent_call(AgentOp::QpInit { qp, access }, RPC)?,
+        "QP INIT",
+    )?;
+    let rtr = AgentOp::QpRtr {
+        qp,
+        remote_qpn: endpoint.qpn,
+        remote_psn: endpoint.psn,
+        remote_gid: endpoint.gid.clone(),
+        path_mtu: endpoint.path_mtu,
+        gid_index: None,
+        max_dest_rd_atomic: 1,
+        min_rnr_timer: 12,
+    };
+    ok(rig.agent_call(rtr, RPC)?, "QP RTR")?;
+    let rts = AgentOp::QpRts {
+        qp,
+        psn: 200,
+        timeout: 14,
+        retry_cnt: 7,
+        rnr_retry: 7,
+        max_rd_atomic: 1,
+    };
+    ok(rig.agent_call(rts, RPC)?, "QP RTS")?;
+    let connect = TargetOp::Connect {
+        qpn: endpoint.qpn,
+        remote_qpn: qpn,
+        remote_psn: 200,
+        remote_gid: Some(guest_gid),
+        remote_ip: None,
+        remote_mac: None,
+    };
+    target_call(rig, connect)?;
+    Ok((qp, qpn, endpoint.qpn))
+}
+
+/// An RDMA WRITE of `data` from a target MR to (`remote_va`, `rkey`) in the guest; returns
+/// the target's completion.
+fn target_write(
+    rig: &mut Rig,
+    target_qpn: u32,
+    data: &[u8],
+    remote_va: u64,
+    rkey: u32,
+    wr_id: u64,
+) -> Result<Option<TargetCompletion>> {
+    let length = u64::try_from(data.len())?;
+    let key = match target_call(
+        rig,
+        TargetOp::RegisterMr {
+            length,
+            access: None,
+        },
+    )? {
+        TargetReply::Mr(mr) => mr.key,
+        other => bail!("roce-target register_mr: unexpected {other:?}"),
+    };
+    let data_hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+    target_call(
+        rig,
+        TargetOp::MrWrite {
+            key,
+            offset: 0,
+            data_hex,
+            length: None,
+        },
+    )?;
+    let local = Sge {
+        key,
+        offset: 0,
+        length: u32::try_from(data.len())?,
+    };
+    target_call(
+        rig,
+        TargetOp::PostWrite {
+            qpn: target_qpn,
+            wr_id,
+            local,
+            remote_va,
+            remote_rkey: rkey,
+            imm: None,
+        },
+    )?;
+    let completion = match target_call(
+        rig,
+        TargetOp::PollCq {
+            qpn: Some(target_qpn),
+            max: Some(1),
+            wait_ms: 5000,
+        },
+    )? {
+        TargetReply::Completions { mut completions } => completions.pop(),
+        other => bail!("roce-target poll_cq: unexpected {other:?}"),
+    };
+    let _ = target_call(rig, TargetOp::DeregisterMr { key });
+    Ok(completion)
+}
+
+pub fn expect_remote_doorbell(_flavor: &str) -> Expect {
+    Expect::Pass
+}
+
+/// roce-target (the RDMA NIC's peer) writes 7 into the guest's dma-buf MR over BAR0's
+/// doorbell page at SQ1TDBL: rxe, the importer, must turn it into exactly that doorbell write.
+pub fn run_remote_doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| remote_doorbell(rig, env, suite, held))
+}
+
+fn remote_doorbell(
+    rig: &mut Rig,
+    env: &ScenarioEnv,
+    suite: &mut Suite,
+    held: &mut Held,
+) -> Result<()> {
+    let t = Instant::now();
+    let device = open_device(rig, held)?;
+    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
+    let context = rdma_up(rig, held)?;
+    let pd = match ok(
+        rig.agent_call(AgentOp::AllocPd { context }, RPC)?,
+        "alloc PD",
+    )? {
+        AgentReply::Pd { pd } => {
+            held.push(AgentOp::DeallocPd { pd });
+            pd
+        }
+        other => bail!("pd: unexpected {other:?}"),
+    };
+    let (_qp, qpn, target_qpn) = connect_to_target(rig, context, pd, held)?;
+    suite.record(
+        "qp-connected-to-roce-target",
+        true,
+        format!("guest qpn {qpn}, target qpn {target_qpn}"),
+        t.elapsed(),
+    );
+    let t = Instant::now();
+    let (_mr, rkey) =
+        reg_dmabuf(rig, held, pd, dmabuf, 0, PAGE)?.map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
+    let since = last_seq(rig)?;
+    let completion = target_write(
+        rig,
+        target_qpn,
+        &7u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        1,
+    )?;
+    let acked = matches!(&completion, Some(c) if c.status == CompletionStatus::Success);
+    suite.record(
+        "target-write-is-acked",
+        acked,
+        format!("{completion:?}"),
+        t.elapsed(),
+    );
+    let events = doorbell_events(rig, since)?;
+    let (value, only_these) = written_qword(&events, SQ1TDBL);
+    suite.record(
+        "device-sees-one-doorbell-write",
+        value == Some(7) && only_these && !events.is_empty(),
+        format!("at BAR0+{SQ1TDBL:#x}: {}", describe(&events)),
+        Duration::ZERO,
+    );
+    let _ = target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });
+    Ok(())
 }
 
 // ---------------------------------------------------------------- revoke windows

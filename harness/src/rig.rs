@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply, READY_BANNER};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
+use p2prig_protocol::target::{TargetOp, TargetReply};
 use p2prig_protocol::wire::ErrorReply;
 
 use crate::client::LineClient;
@@ -40,6 +41,7 @@ pub struct RigConfig {
     pub bzimage: PathBuf,
     pub initramfs: Option<PathBuf>,
     pub nvme_cmb: PathBuf,
+    pub roce_target: PathBuf,
     pub accel: Accel,
     pub memory_mib: u32,
     pub boot_timeout: Duration,
@@ -87,7 +89,8 @@ impl RunDir {
             .mode(0o700)
             .create(&path)
             .with_context(|| format!("creating the run directory {}", path.display()))?;
-        let longest = path.join("nvme-cmb.control.sock");
+        // roce-target also creates "<socket>.backend".
+        let longest = path.join("roce-target.control.sock");
         if longest.as_os_str().len() <= MAX_SOCKET_PATH {
             return Ok(Self {
                 sockets: path.clone(),
@@ -125,7 +128,10 @@ pub struct Rig {
     pub agent: LineClient,
     pub device: LineClient,
     qemu: ChildGuard,
+    _roce: ChildGuard,
     _nvme: ChildGuard,
+    /// roce-target's control socket: the remote RDMA peer.
+    target: LineClient,
     pub boot_time: Duration,
     console: PathBuf,
 }
@@ -199,12 +205,17 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "xio3130-downstream,id=dp1,bus=sw0,chassis=3,slot=0".into(),
         "-device".into(),
         vfio_user,
-        // rxe's netdev, next to the NVMe function behind the switch. Until the roce-target
-        // peer is attached, a restricted user-mode backend: no route off the VM.
+        // rxe's netdev, next to the NVMe function behind the switch; its other end is
+        // roce-target, the remote RDMA peer (vhost-user, so frames never leave the host).
+        "-chardev".into(),
+        format!(
+            "socket,id=net0,path={}",
+            run.socket("roce-target.sock").display()
+        ),
         "-netdev".into(),
-        "user,id=net0,restrict=on".into(),
+        "vhost-user,id=n0,chardev=net0".into(),
         "-device".into(),
-        format!("virtio-net-pci,netdev=net0,bus=dp1,addr=0,romfile=,mac={GUEST_MAC}"),
+        format!("virtio-net-pci,netdev=n0,bus=dp1,addr=0,romfile=,mac={GUEST_MAC}"),
         "-device".into(),
         "virtio-serial-pci,id=vser0,bus=pcie.0".into(),
         "-chardev".into(),
@@ -228,31 +239,20 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
 
 impl Rig {
     pub fn boot(cfg: &RigConfig, run: &RunDir) -> Result<Self> {
-        let mut nvme_cmd = Command::new(&cfg.nvme_cmb);
-        nvme_cmd
-            .arg("--socket")
-            .arg(run.socket("nvme-cmb.sock"))
-            .arg("--control")
-            .arg(run.socket("nvme-cmb.control.sock"))
-            .arg("--trace")
-            .arg(run.file("nvme-cmb.trace.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(run.file("nvme-cmb.log"))?)
-            .stderr(fs::File::create(run.file("nvme-cmb.log"))?);
-        let mut nvme = ChildGuard::spawn("nvme-cmb", nvme_cmd, Group::Harness)?;
-        wait_for_paths(
-            &mut nvme,
+        let (nvme, device) = start_device(
+            "nvme-cmb",
+            &cfg.nvme_cmb,
             &[
-                run.socket("nvme-cmb.sock"),
-                run.socket("nvme-cmb.control.sock"),
+                "--trace".into(),
+                run.file("nvme-cmb.trace.jsonl").display().to_string(),
             ],
-            Duration::from_secs(10),
-            &run.file("nvme-cmb.log"),
+            run,
         )?;
-        let device = LineClient::connect(
-            "nvme-cmb control",
-            &run.socket("nvme-cmb.control.sock"),
-            Duration::from_secs(5),
+        let (roce, target) = start_device(
+            "roce-target",
+            &cfg.roce_target,
+            &["--pcap-dir".into(), run.path.display().to_string()],
+            run,
         )?;
 
         let args = qemu_args(cfg, run);
@@ -271,7 +271,12 @@ impl Rig {
         let mut qemu = ChildGuard::spawn("qemu", qemu_cmd, Group::Harness)?;
         fs::write(
             run.file("pids"),
-            format!("nvme-cmb {}\nqemu {}\n", nvme.pid(), qemu.pid()),
+            format!(
+                "nvme-cmb {}\nroce-target {}\nqemu {}\n",
+                nvme.pid(),
+                roce.pid(),
+                qemu.pid()
+            ),
         )?;
 
         let console_path = run.file("console.log");
@@ -324,7 +329,9 @@ impl Rig {
             agent,
             device,
             qemu,
+            _roce: roce,
             _nvme: nvme,
+            target,
             boot_time: started.elapsed(),
             console: console_path,
         })
@@ -367,6 +374,14 @@ impl Rig {
             .with_context(|| format!("agent request {id}"))
     }
 
+    /// A request to roce-target's control socket.
+    pub fn target_call(
+        &mut self,
+        op: TargetOp,
+    ) -> Result<std::result::Result<TargetReply, ErrorReply>> {
+        self.target.call(op, Duration::from_secs(30))
+    }
+
     pub fn device_call(&mut self, op: DeviceOp) -> Result<DeviceReply> {
         let desc = format!("{op:?}");
         self.device
@@ -392,6 +407,38 @@ impl Rig {
         }
         Ok(())
     }
+}
+
+/// Starts a device process with its socket and control socket in the run directory, waits
+/// for both, and connects to the control socket.
+fn start_device(
+    name: &str,
+    binary: &Path,
+    extra_args: &[String],
+    run: &RunDir,
+) -> Result<(ChildGuard, LineClient)> {
+    let socket = run.socket(&format!("{name}.sock"));
+    let control = run.socket(&format!("{name}.control.sock"));
+    let log_path = run.file(&format!("{name}.log"));
+    let log = fs::File::create(&log_path)?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--control")
+        .arg(&control)
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut child = ChildGuard::spawn(name, cmd, Group::Harness)?;
+    wait_for_paths(
+        &mut child,
+        &[socket, control.clone()],
+        Duration::from_secs(10),
+        &log_path,
+    )?;
+    let client = LineClient::connect(&format!("{name} control"), &control, Duration::from_secs(5))?;
+    Ok((child, client))
 }
 
 fn wait_for_paths(
@@ -465,6 +512,7 @@ mod tests {
             bzimage: "/k/bzImage".into(),
             initramfs: Some("/i/initramfs.cpio.gz".into()),
             nvme_cmb: "/n".into(),
+            roce_target: "/t".into(),
             accel,
             memory_mib: 512,
             boot_timeout: Duration::from_secs(1),
@@ -510,7 +558,7 @@ mod tests {
         let base = tempfile::tempdir()?;
         let long = base.path().join("x".repeat(120));
         let run = RunDir::at(long)?;
-        let sock = run.socket("nvme-cmb.control.sock");
+        let sock = run.socket("roce-target.control.sock");
         assert!(sock.as_os_str().len() <= MAX_SOCKET_PATH + 25);
         assert!(run.file("sockets-dir").exists());
         let short = RunDir::at(base.path().join("r"))?;

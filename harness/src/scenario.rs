@@ -70,6 +70,13 @@ pub const SCENARIOS: &[Scenario] = &[
         run: crate::p2p::run_doorbell,
     },
     Scenario {
+        name: "remote-doorbell",
+        summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
+                  guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
+        expect: crate::p2p::expect_remote_doorbell,
+        run: crate::p2p::run_remote_doorbell,
+    },
+    Scenario {
         name: "revoke-on-vfio-reset",
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",

@@ -80,7 +80,11 @@ fn sigint_during_boot_leaves_no_qemu_or_device_behind() {
             Some((name.to_string(), pid.parse().ok()?))
         })
         .collect();
-    assert_eq!(pids.len(), 2, "pids file names nvme-cmb and qemu: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        3,
+        "pids file names nvme-cmb, roce-target and qemu: {pids:?}"
+    );
     for (name, pid) in &pids {
         assert!(alive(*pid), "{name} ({pid}) should be running during boot");
     }
