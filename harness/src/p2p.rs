@@ -494,6 +494,262 @@ fn export(
     }
 }
 
+// ---------------------------------------------------------------- stray PCI_COMMAND write
+
+pub fn expect_stray_command(flavor: &str) -> Expect {
+    match flavor {
+        "v1" => Expect::Fail(
+            "B1: any PCI_COMMAND write with the memory bit set runs the seed's move(false), which \
+             with the inverted flag revokes the live importer: its next write is refused",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
+/// Setting bus-master in PCI_COMMAND (memory decode stays on) must not disturb a live
+/// importer: a write after it lands like the one before it.
+pub fn run_stray_command_write(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| stray_command_write(rig, env, suite, held))
+}
+
+fn stray_command_write(
+    rig: &mut Rig,
+    env: &ScenarioEnv,
+    suite: &mut Suite,
+    held: &mut Held,
+) -> Result<()> {
+    let t = Instant::now();
+    let device = open_device(rig, held)?;
+    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
+    let context = rdma_up(rig, held)?;
+    let lb = connect_pair(rig, context, held)?;
+    let (_mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
+        .map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
+    let since = last_seq(rig)?;
+    let wc = post(
+        rig,
+        &lb,
+        SendOpcode::RdmaWrite,
+        &3u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        1,
+    )?;
+    let landed = written_qword(&doorbell_events(rig, since)?, SQ1TDBL).0 == Some(3);
+    suite.record(
+        "write-lands-before",
+        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
+        status_text(&wc),
+        t.elapsed(),
+    );
+    let t = Instant::now();
+    let command = config_read(rig, device, 4, 2)?;
+    // PCI_COMMAND_MASTER (bit 2); memory decode (bit 1) stays as it is (on).
+    ok(
+        rig.agent_call(
+            AgentOp::ConfigWrite {
+                device,
+                offset: 4,
+                width: 2,
+                value: command | 0x4,
+            },
+            RPC,
+        )?,
+        "set PCI_COMMAND bus master",
+    )?;
+    let after = config_read(rig, device, 4, 2)?;
+    suite.record(
+        "decode-stays-on",
+        after & 0x2 != 0,
+        format!("PCI_COMMAND {command:#06x} -> {after:#06x}"),
+        t.elapsed(),
+    );
+    let t = Instant::now();
+    let since = last_seq(rig)?;
+    let wc = post(
+        rig,
+        &lb,
+        SendOpcode::RdmaWrite,
+        &4u64.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        2,
+    )?;
+    let events = doorbell_events(rig, since)?;
+    let landed = written_qword(&events, SQ1TDBL).0 == Some(4);
+    suite.record(
+        "importer-undisturbed",
+        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
+        format!("{}; device: {}", status_text(&wc), describe(&events)),
+        t.elapsed(),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- CMB slices
+
+const CMB_SLICE_OFFSET: u64 = 0x1000;
+const CMB_SLICE_LENGTH: u64 = 0x2000;
+
+pub fn expect_cmb(flavor: &str) -> Expect {
+    match flavor {
+        "v1" => Expect::Fail(
+            "B2: the seed never sets priv->index, so a slice of BAR2 (the CMB) is mapped from \
+             BAR0 (the registers and doorbells): the importer's accesses land in the wrong BAR",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
+/// slice-routing: a write at MR offset k of a CMB slice lands at (BAR2, slice offset + k).
+pub fn run_slice_routing(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        let (lb, rkey) = cmb_slice_mr(rig, env, held)?;
+        let k = 0x10;
+        let since = last_seq(rig)?;
+        let t = Instant::now();
+        let wc = post(
+            rig,
+            &lb,
+            SendOpcode::RdmaWrite,
+            &0x5a5a_0000_1234_5678u64.to_le_bytes(),
+            k,
+            rkey,
+            1,
+        )?;
+        suite.record(
+            "write-completes",
+            matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
+            status_text(&wc),
+            t.elapsed(),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let events: Vec<Event> = events_since(rig, since)?
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    &e.kind,
+                    EventKind::Bar {
+                        access: BarAccess::Write,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let want = CMB_SLICE_OFFSET + k;
+        let routed = events.iter().any(|e| {
+            matches!(&e.kind, EventKind::Bar { bar: 2, offset, .. } if (want..want + 8).contains(offset))
+        });
+        let strays: Vec<&Event> = events
+            .iter()
+            .filter(|e| !matches!(&e.kind, EventKind::Bar { bar: 2, .. }))
+            .collect();
+        suite.record(
+            "write-lands-at-bar2-slice-offset",
+            routed && strays.is_empty(),
+            format!("want BAR2+{want:#x}; device writes: {}", describe(&events)),
+            Duration::ZERO,
+        );
+        Ok(())
+    })
+}
+
+/// cmb-roundtrip: the device fills the CMB with a pattern; an RDMA READ of the CMB slice MR
+/// returns it byte-exact; an RDMA WRITE into it shows up in the device's CMB.
+pub fn run_cmb_roundtrip(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        let (lb, rkey) = cmb_slice_mr(rig, env, held)?;
+        let t = Instant::now();
+        let pattern = "c0ffee0123456789";
+        match rig.device_call(DeviceOp::CmbFill {
+            offset: 0,
+            length: None,
+            pattern_hex: pattern.into(),
+        })? {
+            DeviceReply::Done => {}
+            other => bail!("nvme-cmb cmb_fill: unexpected {other:?}"),
+        }
+        let length = 256usize;
+        let wc = post(
+            rig,
+            &lb,
+            SendOpcode::RdmaRead,
+            &vec![0u8; length],
+            0,
+            rkey,
+            1,
+        )?;
+        let read = match ok(
+            rig.agent_call(
+                AgentOp::MrRead {
+                    mr: lb.src_mr,
+                    offset: 0,
+                    length: length as u64,
+                },
+                RPC,
+            )?,
+            "read the local buffer",
+        )? {
+            AgentReply::Bytes { data } => data,
+            other => bail!("mr_read: unexpected {other:?}"),
+        };
+        let want = pattern.repeat(length / (pattern.len() / 2));
+        suite.record(
+            "rdma-read-returns-the-cmb-pattern",
+            matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS) && read == want,
+            format!(
+                "{}; read {}...",
+                status_text(&wc),
+                &read[..read.len().min(48)]
+            ),
+            t.elapsed(),
+        );
+        let t = Instant::now();
+        let data: Vec<u8> = (0..64u8).collect();
+        let wc = post(rig, &lb, SendOpcode::RdmaWrite, &data, 0x100, rkey, 2)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let cmb = match rig.device_call(DeviceOp::CmbRead {
+            offset: CMB_SLICE_OFFSET + 0x100,
+            length: 64,
+        })? {
+            DeviceReply::CmbData { data_hex, .. } => data_hex,
+            other => bail!("nvme-cmb cmb_read: unexpected {other:?}"),
+        };
+        let want: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        suite.record(
+            "rdma-write-shows-in-the-cmb",
+            matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS) && cmb == want,
+            format!(
+                "{}; CMB+{:#x}: {cmb}",
+                status_text(&wc),
+                CMB_SLICE_OFFSET + 0x100
+            ),
+            t.elapsed(),
+        );
+        Ok(())
+    })
+}
+
+/// A loopback pair and an MR over the CMB slice (BAR2 0x1000, 0x2000 bytes); returns the
+/// pair and the MR's rkey.
+fn cmb_slice_mr(rig: &mut Rig, env: &ScenarioEnv, held: &mut Held) -> Result<(Loopback, u32)> {
+    let device = open_device(rig, held)?;
+    let dmabuf = export(
+        rig,
+        held,
+        device,
+        2,
+        CMB_SLICE_OFFSET,
+        CMB_SLICE_LENGTH,
+        env,
+    )?;
+    let context = rdma_up(rig, held)?;
+    let lb = connect_pair(rig, context, held)?;
+    let (_mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, CMB_SLICE_LENGTH)?
+        .map_err(|e| anyhow!("reg_dmabuf_mr over the CMB slice: {e}"))?;
+    Ok((lb, rkey))
+}
+
 // ---------------------------------------------------------------- remote peer
 
 fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {

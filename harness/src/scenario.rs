@@ -70,6 +70,27 @@ pub const SCENARIOS: &[Scenario] = &[
         run: crate::p2p::run_doorbell,
     },
     Scenario {
+        name: "slice-routing",
+        summary: "a write at offset k of a CMB-slice MR (BAR2 0x1000, 8 KiB) lands at BAR2 \
+                  0x1000 + k in nvme-cmb, and nowhere else",
+        expect: crate::p2p::expect_cmb,
+        run: crate::p2p::run_slice_routing,
+    },
+    Scenario {
+        name: "cmb-roundtrip",
+        summary: "RDMA READ of a CMB-slice MR returns the pattern nvme-cmb filled; an RDMA WRITE \
+                  into it shows up in the device's CMB, byte-exact",
+        expect: crate::p2p::expect_cmb,
+        run: crate::p2p::run_cmb_roundtrip,
+    },
+    Scenario {
+        name: "stray-command-write",
+        summary: "setting bus-master in PCI_COMMAND (decode stays on) does not disturb a live \
+                  importer: its next write lands",
+        expect: crate::p2p::expect_stray_command,
+        run: crate::p2p::run_stray_command_write,
+    },
+    Scenario {
         name: "remote-doorbell",
         summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
                   guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
