@@ -4,7 +4,7 @@
 CARGO    ?= cargo
 KERNELS  ?= v1 v1-fixed
 # The scenarios `make test` and `make vm-test` run; `make vm-test-full` runs every one.
-SCENARIOS ?= smoke,device-identity,export-args,p2p-doorbell,remote-doorbell,slice-routing,cmb-roundtrip,stray-command-write
+SCENARIOS ?= smoke,device-identity,export-args,p2p-doorbell,remote-doorbell,slice-routing,cmb-roundtrip,stray-command-write,revoke-on-vfio-reset,revoke-on-mem-disable
 P2PRIG   := target/release/p2prig
 RESULTS  := target/p2prig
 
