@@ -4,6 +4,12 @@
 #
 #   kernel.sh <work-dir> <out-dir>
 #
+# Two modes: a pinned source (the default; below), or KERNEL_SRC_TREE=<a user's Linux tree>
+# (`p2prig build kernel src:PATH`): that tree is built as it is, out of tree into
+# <work-dir>/build with the same fragments; no download, no git, no patches, and the tree is
+# never written to (kbuild refuses an O= build of a tree that has its own .config or objects:
+# `make mrproper` there first).
+#
 # Environment (set by `p2prig build kernel FLAVOR[:variant]`, from kernel-patches/flavors/
 # and kernel-patches/sources/):
 #   P2PRIG_DOWNLOADS     verified downloads live here
@@ -15,6 +21,7 @@
 #   KSRC_ORG_URL KSRC_ORG_SHA256   optional fallback tarball (upstream release), pinned
 #   KSERIES              newline-separated patch directories, applied in order (git am)
 #   KFRAGMENTS           newline-separated config fragments, merged in order
+#   KERNEL_SRC_TREE      optional: build this Linux tree instead (KSRC_*, KSERIES unused)
 # Outputs: <out-dir>/bzImage, <out-dir>/config (the final .config), <out-dir>/release.
 #
 # <work-dir> keeps src/ (a git repo: one base commit of the tarball + the applied series)
@@ -39,6 +46,17 @@ recipes=${P2PRIG_RECIPES:-$here}
 src=$work/src
 build=$work/build
 
+src_tree=${KERNEL_SRC_TREE:-}
+if [ -n "$src_tree" ]; then
+  [ -f "$src_tree/Makefile" ] && [ -f "$src_tree/Kconfig" ] && [ -d "$src_tree/arch/x86" ] ||
+    die "KERNEL_SRC_TREE=$src_tree is not a Linux source tree (no Makefile, Kconfig or arch/x86)"
+  src=$(cd "$src_tree" && pwd)
+  [ -z "${KSERIES:-}" ] || die "KSERIES is set with KERNEL_SRC_TREE: a user's tree is built without patches"
+  [ ! -e "$src/.config" ] && [ ! -e "$src/include/config" ] ||
+    die "$src has an in-tree configuration or build (.config, include/config)" \
+        "kbuild cannot build it out of tree then: run 'make -C $src mrproper' (it deletes that build) or pass a clean copy"
+fi
+
 for tool in git make gcc flex bison bc xz tar sha256sum awk flock cmp; do
   command -v "$tool" >/dev/null ||
     die "'$tool' is missing on this host" "install the kernel build dependencies (p2prig doctor / ci/install-deps.sh)"
@@ -54,6 +72,11 @@ git_src() {
   git -C "$src" -c user.name="p2prig" -c user.email="p2prig@localhost" \
       -c commit.gpgsign=false -c core.hooksPath=/dev/null -c advice.mergeConflict=false -c advice.amWorkDir=false "$@"
 }
+
+# ---------------------------------------------------------------------------------------
+# Pinned-source mode only (up to the Config section): download, unpack, apply the series.
+# ---------------------------------------------------------------------------------------
+if [ -z "$src_tree" ]; then
 
 # ---------------------------------------------------------------------------------------
 # Source: which tarball, and the key that identifies it.
@@ -235,6 +258,10 @@ else
     fi
     echo "$(sha256sum "$p" | cut -d' ' -f1) $(git_src rev-parse HEAD) $p" >>"$applied"
   done
+fi
+
+else
+  step "source: $src (KERNEL_SRC_TREE: built as it is, out of tree, no patches)"
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -37,11 +37,30 @@ const PREFERENCES: &[&str] = &[
     "CONFIG_PANIC_ON_OOPS",
 ];
 
-/// Options a 6.1-era kernel needs but upstream (7.x) no longer has.
-const SEED_ERA_ONLY: &[&str] = &["CONFIG_DMABUF_MOVE_NOTIFY"];
+/// What a user's kernel image says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageFacts {
+    pub uapi: DmabufUapi,
+    /// KASAN and kmemleak are built in: scenarios may expect the debug variant's reports.
+    pub debug: bool,
+}
 
-/// Checks a user's bzImage and tells which export uAPI it speaks.
-pub fn check_image(path: &Path, base_fragment: &Path) -> Result<DmabufUapi> {
+/// The export uAPI a kernel config speaks: upstream's merged exporter, or the seed's.
+pub fn uapi_of(config: &BTreeMap<String, String>) -> DmabufUapi {
+    if is_y(config, "CONFIG_VFIO_PCI_DMABUF") {
+        DmabufUapi::Upstream
+    } else {
+        DmabufUapi::SeedV1
+    }
+}
+
+fn is_y(config: &BTreeMap<String, String>, name: &str) -> bool {
+    config.get(name).map(String::as_str) == Some("y")
+}
+
+/// Checks a user's bzImage against base.config (what every era of kernel the rig supports
+/// needs) and tells which export uAPI it speaks and whether it is a debug build.
+pub fn check_image(path: &Path, base_fragment: &Path) -> Result<ImageFacts> {
     let image = std::fs::read(path)
         .with_context(|| format!("reading the kernel image {}", path.display()))?;
     let config_text = embedded_config(&image).with_context(|| {
@@ -51,14 +70,9 @@ pub fn check_image(path: &Path, base_fragment: &Path) -> Result<DmabufUapi> {
         )
     })?;
     let config = parse_config(&config_text);
-    let uapi = if config.get("CONFIG_VFIO_PCI_DMABUF").map(String::as_str) == Some("y") {
-        DmabufUapi::Upstream
-    } else {
-        DmabufUapi::SeedV1
-    };
     let fragment = std::fs::read_to_string(base_fragment)
         .with_context(|| format!("reading {}", base_fragment.display()))?;
-    let missing = missing_options(&config, &fragment, uapi);
+    let missing = missing_options(&config, &fragment);
     if !missing.is_empty() {
         bail!(
             "{} lacks options the rig needs (from {}): {}; enable them (=y, built in) and rebuild",
@@ -67,26 +81,24 @@ pub fn check_image(path: &Path, base_fragment: &Path) -> Result<DmabufUapi> {
             missing.join(", ")
         );
     }
-    Ok(uapi)
+    Ok(ImageFacts {
+        uapi: uapi_of(&config),
+        debug: is_y(&config, "CONFIG_KASAN") && is_y(&config, "CONFIG_DEBUG_KMEMLEAK"),
+    })
 }
 
 /// Options set to `y` in the fragment (minus preferences) that the config does not have as `y`.
-fn missing_options(
-    config: &BTreeMap<String, String>,
-    fragment: &str,
-    uapi: DmabufUapi,
-) -> Vec<String> {
+fn missing_options(config: &BTreeMap<String, String>, fragment: &str) -> Vec<String> {
     fragment
         .lines()
         .filter_map(|l| l.trim().strip_suffix("=y"))
         .filter(|name| !PREFERENCES.contains(name))
-        .filter(|name| uapi == DmabufUapi::SeedV1 || !SEED_ERA_ONLY.contains(name))
-        .filter(|name| config.get(*name).map(String::as_str) != Some("y"))
+        .filter(|name| !is_y(config, name))
         .map(str::to_string)
         .collect()
 }
 
-fn parse_config(text: &str) -> BTreeMap<String, String> {
+pub fn parse_config(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter(|l| l.starts_with("CONFIG_"))
         .filter_map(|l| l.split_once('='))
@@ -152,7 +164,7 @@ mod tests {
         image
     }
 
-    const FRAGMENT: &str = "CONFIG_KERNEL_GZIP=y\nCONFIG_VFIO_PCI=y\nCONFIG_DMABUF_MOVE_NOTIFY=y\nCONFIG_RDMA_RXE=y\n# CONFIG_MODULES is not set\n";
+    const FRAGMENT: &str = "CONFIG_KERNEL_GZIP=y\nCONFIG_VFIO_PCI=y\nCONFIG_PCI_P2PDMA=y\nCONFIG_RDMA_RXE=y\n# CONFIG_MODULES is not set\n";
 
     #[test]
     fn embedded_config_is_found_inside_the_compressed_kernel() {
@@ -165,30 +177,39 @@ mod tests {
     #[test]
     fn missing_options_are_named_and_preferences_ignored() {
         let config = parse_config("CONFIG_VFIO_PCI=y\nCONFIG_RDMA_RXE=m\n");
-        let missing = missing_options(&config, FRAGMENT, DmabufUapi::SeedV1);
-        assert_eq!(missing, ["CONFIG_DMABUF_MOVE_NOTIFY", "CONFIG_RDMA_RXE"]);
+        let missing = missing_options(&config, FRAGMENT);
+        assert_eq!(missing, ["CONFIG_PCI_P2PDMA", "CONFIG_RDMA_RXE"]);
     }
 
     #[test]
-    fn upstream_kernels_are_recognised_and_not_asked_for_move_notify() -> Result<()> {
+    fn upstream_kernels_are_recognised_and_debug_builds_told_apart() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let image = dir.path().join("bzImage");
         let fragment = dir.path().join("base.config");
         std::fs::write(&fragment, FRAGMENT)?;
+        let upstream =
+            "CONFIG_VFIO_PCI=y\nCONFIG_PCI_P2PDMA=y\nCONFIG_RDMA_RXE=y\nCONFIG_VFIO_PCI_DMABUF=y\n";
+        std::fs::write(&image, fake_image(upstream))?;
+        let facts = check_image(&image, &fragment)?;
+        assert_eq!(
+            facts,
+            ImageFacts {
+                uapi: DmabufUapi::Upstream,
+                debug: false
+            }
+        );
+        let debug = format!("{upstream}CONFIG_KASAN=y\nCONFIG_DEBUG_KMEMLEAK=y\n");
+        std::fs::write(&image, fake_image(&debug))?;
+        assert!(check_image(&image, &fragment)?.debug);
         std::fs::write(
             &image,
-            fake_image("CONFIG_VFIO_PCI=y\nCONFIG_RDMA_RXE=y\nCONFIG_VFIO_PCI_DMABUF=y\n"),
+            fake_image("CONFIG_VFIO_PCI=y\nCONFIG_PCI_P2PDMA=y\n"),
         )?;
-        assert_eq!(check_image(&image, &fragment)?, DmabufUapi::Upstream);
-        std::fs::write(&image, fake_image("CONFIG_VFIO_PCI=y\n"))?;
         let err = check_image(&image, &fragment)
             .err()
             .map(|e| format!("{e:#}"))
             .unwrap_or_default();
-        assert!(
-            err.contains("CONFIG_RDMA_RXE") && err.contains("CONFIG_DMABUF_MOVE_NOTIFY"),
-            "{err}"
-        );
+        assert!(err.contains("CONFIG_RDMA_RXE"), "{err}");
         std::fs::write(&image, b"not a kernel")?;
         let err = check_image(&image, &fragment)
             .err()

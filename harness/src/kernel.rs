@@ -1,6 +1,7 @@
 //! Guest kernels: a flavor is a kernel source + an ordered list of patch series + config
 //! fragments, declared in kernel-patches/flavors/<name>.toml; each builds in a `tiny` or
-//! `debug` variant with kernel-patches/config/<variant>.config added.
+//! `debug` variant with kernel-patches/config/<variant>.config added. A user's own Linux
+//! tree (`src:PATH`) builds with the same fragments, out of tree, without patches.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ pub enum Variant {
 }
 
 impl Variant {
+    pub const ALL: [Variant; 2] = [Variant::Tiny, Variant::Debug];
+
     pub fn name(self) -> &'static str {
         match self {
             Variant::Tiny => "tiny",
@@ -35,14 +38,24 @@ pub struct FlavorSpec {
     pub variant: Variant,
 }
 
+impl FromStr for Variant {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tiny" => Ok(Variant::Tiny),
+            "debug" => Ok(Variant::Debug),
+            v => bail!("unknown kernel variant `{v}`: use tiny or debug"),
+        }
+    }
+}
+
 impl FromStr for FlavorSpec {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
         let (flavor, variant) = match s.split_once(':') {
-            Some((f, "tiny")) => (f, Variant::Tiny),
-            Some((f, "debug")) => (f, Variant::Debug),
-            Some((_, v)) => bail!("unknown kernel variant `{v}` in `{s}`: use tiny or debug"),
+            Some((f, v)) => (f, v.parse().with_context(|| format!("in `{s}`"))?),
             None => (s, Variant::Tiny),
         };
         if flavor.is_empty()
@@ -65,10 +78,91 @@ impl fmt::Display for FlavorSpec {
     }
 }
 
-/// What `--kernel` names: a flavor to build, or a user's bzImage (any argument with a `/`).
+/// A user's Linux tree, `src:PATH[:tiny|:debug]`: built out of tree with our fragments and
+/// no patches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTree {
+    /// Absolute: the build directory in the cache is keyed by it.
+    pub path: PathBuf,
+    pub variant: Variant,
+}
+
+impl FromStr for SourceTree {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let rest = s
+            .strip_prefix("src:")
+            .with_context(|| format!("`{s}` is not a source tree: spell it src:PATH[:debug]"))?;
+        let (path, variant) = match rest.rsplit_once(':') {
+            Some((path, "tiny")) => (path, Variant::Tiny),
+            Some((path, "debug")) => (path, Variant::Debug),
+            _ => (rest, Variant::Tiny),
+        };
+        if path.is_empty() {
+            bail!("`{s}` names no directory: use src:/path/to/linux or src:/path/to/linux:debug");
+        }
+        let path = std::fs::canonicalize(path).with_context(|| {
+            format!("{s}: no such directory (src:PATH names a Linux source tree)")
+        })?;
+        if !path.join("Makefile").is_file() || !path.join("Kconfig").is_file() {
+            bail!(
+                "{} is not a Linux source tree (no Makefile and Kconfig at its top)",
+                path.display()
+            );
+        }
+        Ok(Self { path, variant })
+    }
+}
+
+impl fmt::Display for SourceTree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "src:{}:{}", self.path.display(), self.variant.name())
+    }
+}
+
+/// What `p2prig build kernel` takes: `all`, a flavor or a user's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildTarget {
+    /// Every flavor in every variant.
+    All,
+    Flavor(FlavorSpec),
+    Source(SourceTree),
+}
+
+impl FromStr for BuildTarget {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "all" {
+            Ok(Self::All)
+        } else if s.starts_with("src:") {
+            Ok(Self::Source(s.parse()?))
+        } else {
+            Ok(Self::Flavor(s.parse()?))
+        }
+    }
+}
+
+/// Every flavor in every variant, in name order, tiny before debug.
+pub fn all_specs() -> Result<Vec<FlavorSpec>> {
+    Ok(flavor_names()?
+        .into_iter()
+        .flat_map(|flavor| {
+            Variant::ALL.map(|variant| FlavorSpec {
+                flavor: flavor.clone(),
+                variant,
+            })
+        })
+        .collect())
+}
+
+/// What `--kernel` names: a flavor to build, a user's tree (`src:PATH`) or a user's bzImage
+/// (any other argument with a `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelChoice {
     Flavor(FlavorSpec),
+    Source(SourceTree),
     Image(PathBuf),
 }
 
@@ -76,6 +170,9 @@ impl FromStr for KernelChoice {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        if s.starts_with("src:") {
+            return Ok(Self::Source(s.parse()?));
+        }
         if s.contains('/') {
             let path = PathBuf::from(s);
             if !path.is_file() {
@@ -91,6 +188,7 @@ impl fmt::Display for KernelChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Flavor(spec) => spec.fmt(f),
+            Self::Source(tree) => tree.fmt(f),
             Self::Image(path) => write!(f, "byo:{}", path.display()),
         }
     }
@@ -102,7 +200,7 @@ impl KernelChoice {
     pub fn expectation_key(&self) -> &str {
         match self {
             Self::Flavor(spec) => &spec.flavor,
-            Self::Image(_) => "byo",
+            Self::Source(_) | Self::Image(_) => "byo",
         }
     }
 
@@ -110,20 +208,23 @@ impl KernelChoice {
     pub fn dir_name(&self) -> String {
         match self {
             Self::Flavor(spec) => format!("{}-{}", spec.flavor, spec.variant.name()),
+            Self::Source(tree) => format!("src-{}", tree.variant.name()),
             Self::Image(_) => "byo".to_string(),
         }
     }
 }
 
-/// Builds the flavor, or checks the user's image.
+/// Builds the flavor or the user's tree, or checks the user's image.
 pub fn resolve(cache: &Cache, choice: &KernelChoice) -> Result<Kernel> {
     match choice {
         KernelChoice::Flavor(spec) => build(cache, spec),
+        KernelChoice::Source(tree) => build_tree(cache, tree),
         KernelChoice::Image(path) => {
-            let uapi = crate::byo::check_image(path, &patches_root().join("config/base.config"))?;
+            let facts = crate::byo::check_image(path, &patches_root().join("config/base.config"))?;
             Ok(Kernel {
                 bzimage: path.clone(),
-                uapi,
+                uapi: facts.uapi,
+                debug: facts.debug,
             })
         }
     }
@@ -163,6 +264,8 @@ pub struct Source {
 pub struct Kernel {
     pub bzimage: PathBuf,
     pub uapi: DmabufUapi,
+    /// Built with the debug variant's checkers (KASAN, kmemleak, lockdep).
+    pub debug: bool,
 }
 
 fn patches_root() -> PathBuf {
@@ -204,6 +307,18 @@ fn load_source(name: &str) -> Result<Source> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// The variant's fragments, merged after the flavor's: `<variant>.config`, then
+/// `<source>-<variant>.config` when that file exists (options of one variant that only one
+/// kernel era has, e.g. linux-6.1-debug.config).
+fn variant_fragments(config_dir: &Path, source: &str, variant: Variant) -> Vec<PathBuf> {
+    let mut fragments = vec![config_dir.join(format!("{}.config", variant.name()))];
+    let era = config_dir.join(format!("{source}-{}.config", variant.name()));
+    if era.is_file() {
+        fragments.push(era);
+    }
+    fragments
+}
+
 pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     let flavor = load_flavor(&spec.flavor)?;
     let source = load_source(&flavor.source)?;
@@ -216,10 +331,11 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
         .iter()
         .map(|f| root.join("config").join(f))
         .collect();
-    fragments.push(
-        root.join("config")
-            .join(format!("{}.config", spec.variant.name())),
-    );
+    fragments.extend(variant_fragments(
+        &root.join("config"),
+        &flavor.source,
+        spec.variant,
+    ));
 
     let mut key = KeyBuilder::default()
         .file("recipe", &recipes.join("kernel.sh"))?
@@ -254,6 +370,7 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     let done = |out: &Path| Kernel {
         bzimage: out.join("bzImage"),
         uapi: flavor.uapi,
+        debug: spec.variant == Variant::Debug,
     };
     if out.join("bzImage").is_file() {
         return Ok(done(&out));
@@ -326,6 +443,90 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     Ok(done(&out))
 }
 
+/// The kernel era of a user's tree, told by the Kconfig symbols it defines: 6.1's fragments
+/// while it still has DMABUF_MOVE_NOTIFY, 7.x's once it has the merged exporter, neither for
+/// a tree in between (base.config and the variant only).
+fn tree_era(tree: &Path) -> Option<&'static str> {
+    let defines = |kconfig: &str, symbol: &str| {
+        let wanted = format!("config {symbol}");
+        std::fs::read_to_string(tree.join(kconfig))
+            .is_ok_and(|text| text.lines().any(|line| line.trim() == wanted))
+    };
+    if defines("drivers/dma-buf/Kconfig", "DMABUF_MOVE_NOTIFY") {
+        Some("linux-6.1")
+    } else if defines("drivers/vfio/pci/Kconfig", "VFIO_PCI_DMABUF") {
+        Some("linux-7.x")
+    } else {
+        None
+    }
+}
+
+/// base.config, the era's fragment (if any), then the variant's fragments.
+fn tree_fragments(config_dir: &Path, era: Option<&str>, variant: Variant) -> Vec<PathBuf> {
+    let mut fragments = vec![config_dir.join("base.config")];
+    if let Some(era) = era {
+        fragments.push(config_dir.join(format!("{era}.config")));
+    }
+    fragments.extend(variant_fragments(
+        config_dir,
+        era.unwrap_or("none"),
+        variant,
+    ));
+    fragments
+}
+
+/// The cache's work directory of a user's tree: one per (absolute path, variant), so a
+/// tree's O= build stays incremental across runs and two trees never share one.
+fn tree_work_name(tree: &SourceTree) -> String {
+    let key = KeyBuilder::default()
+        .text("tree", &tree.path.to_string_lossy())
+        .finish();
+    format!("src-{}-{}", key.short(), tree.variant.name())
+}
+
+/// Builds a user's tree out of tree (O= in the cache) with our fragments and no patches.
+/// Always runs the recipe: the tree's content is not hashed, and make is incremental.
+pub fn build_tree(cache: &Cache, tree: &SourceTree) -> Result<Kernel> {
+    let recipes = recipes_dir();
+    let config_dir = patches_root().join("config");
+    let fragments = tree_fragments(&config_dir, tree_era(&tree.path), tree.variant);
+    let work_name = tree_work_name(tree);
+    let work = cache.root().join("kernel").join(&work_name);
+    let out = work.join("out");
+    let _lock = cache.lock(&format!("kernel-{work_name}"))?;
+    let fragment_list = fragments
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Recipe {
+        what: &format!("kernel {tree}"),
+        script: recipes.join("kernel.sh"),
+        args: vec![work.join("work"), out.clone()],
+        env: vec![
+            ("P2PRIG_RECIPES".into(), recipes.display().to_string()),
+            ("KERNEL_SRC_TREE".into(), tree.path.display().to_string()),
+            ("KFRAGMENTS".into(), fragment_list),
+        ],
+        log: cache.root().join(format!("logs/kernel-{work_name}.log")),
+    }
+    .run()
+    .with_context(|| {
+        format!(
+            "building your tree {} (no patches applied)",
+            tree.path.display()
+        )
+    })?;
+    let config_path = out.join("config");
+    let config = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("the recipe left no {}", config_path.display()))?;
+    Ok(Kernel {
+        bzimage: out.join("bzImage"),
+        uapi: crate::byo::uapi_of(&crate::byo::parse_config(&config)),
+        debug: tree.variant == Variant::Debug,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +551,95 @@ mod tests {
         assert!(toml::from_str::<Flavor>(text).is_err());
         let ok = "description = \"x\"\nuapi = \"upstream\"\nsource = \"linux-7.3\"\n";
         assert!(toml::from_str::<Flavor>(ok).is_ok());
+    }
+
+    #[test]
+    fn build_target_takes_all_flavors_and_trees() -> Result<()> {
+        assert_eq!("all".parse::<BuildTarget>()?, BuildTarget::All);
+        assert!(matches!(
+            "upstream:debug".parse::<BuildTarget>()?,
+            BuildTarget::Flavor(FlavorSpec { ref flavor, variant: Variant::Debug }) if flavor == "upstream"
+        ));
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("Makefile"), "")?;
+        std::fs::write(dir.path().join("Kconfig"), "")?;
+        let spelled = format!("src:{}:debug", dir.path().display());
+        let BuildTarget::Source(tree) = spelled.parse::<BuildTarget>()? else {
+            bail!("not a source tree")
+        };
+        assert_eq!(tree.variant, Variant::Debug);
+        assert_eq!(tree.path, std::fs::canonicalize(dir.path())?);
+        let choice: KernelChoice = format!("src:{}", dir.path().display()).parse()?;
+        assert!(matches!(&choice, KernelChoice::Source(t) if t.variant == Variant::Tiny));
+        assert_eq!(choice.expectation_key(), "byo");
+        assert!("src:/nonexistent/linux".parse::<SourceTree>().is_err());
+        assert!("src:".parse::<SourceTree>().is_err());
+        let not_linux = tempfile::tempdir()?;
+        assert!(format!("src:{}", not_linux.path().display())
+            .parse::<SourceTree>()
+            .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn tree_work_dir_is_keyed_by_path_and_variant() {
+        let tree = |path: &str, variant| SourceTree {
+            path: PathBuf::from(path),
+            variant,
+        };
+        let a = tree_work_name(&tree("/src/linux", Variant::Tiny));
+        assert_eq!(a, tree_work_name(&tree("/src/linux", Variant::Tiny)));
+        assert_ne!(a, tree_work_name(&tree("/src/linux-2", Variant::Tiny)));
+        assert_ne!(a, tree_work_name(&tree("/src/linux", Variant::Debug)));
+        assert!(a.starts_with("src-") && a.ends_with("-tiny"));
+    }
+
+    #[test]
+    fn era_fragments_follow_the_variant_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path();
+        std::fs::write(config.join("linux-6.1-debug.config"), "")?;
+        let names = |paths: Vec<PathBuf>| -> Vec<String> {
+            paths
+                .iter()
+                .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(
+            names(variant_fragments(config, "linux-6.1", Variant::Debug)),
+            ["debug.config", "linux-6.1-debug.config"]
+        );
+        assert_eq!(
+            names(variant_fragments(config, "linux-6.1", Variant::Tiny)),
+            ["tiny.config"]
+        );
+        assert_eq!(
+            names(tree_fragments(config, Some("linux-7.x"), Variant::Debug)),
+            ["base.config", "linux-7.x.config", "debug.config"]
+        );
+        assert_eq!(
+            names(tree_fragments(config, None, Variant::Tiny)),
+            ["base.config", "tiny.config"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn tree_era_is_read_from_kconfig() -> Result<()> {
+        let tree = tempfile::tempdir()?;
+        assert_eq!(tree_era(tree.path()), None);
+        std::fs::create_dir_all(tree.path().join("drivers/vfio/pci"))?;
+        std::fs::write(
+            tree.path().join("drivers/vfio/pci/Kconfig"),
+            "config VFIO_PCI_DMABUF\n\tdef_bool y if VFIO_PCI_CORE\n",
+        )?;
+        assert_eq!(tree_era(tree.path()), Some("linux-7.x"));
+        std::fs::create_dir_all(tree.path().join("drivers/dma-buf"))?;
+        std::fs::write(
+            tree.path().join("drivers/dma-buf/Kconfig"),
+            "config DMABUF_MOVE_NOTIFY\n\tbool \"Move notify\"\n",
+        )?;
+        assert_eq!(tree_era(tree.path()), Some("linux-6.1"));
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! reports which dma-buf revoke guarantees hold on which kernel.
 
 mod accel;
+mod boot_check;
 mod byo;
 mod cache;
 mod client;
@@ -32,7 +33,7 @@ use clap::{Parser, Subcommand};
 
 use accel::AccelChoice;
 use cache::Cache;
-use kernel::{FlavorSpec, KernelChoice};
+use kernel::{BuildTarget, FlavorSpec, KernelChoice};
 use rig::{RigConfig, RunDir};
 
 #[derive(Debug, Parser)]
@@ -63,8 +64,10 @@ enum Cmd {
 enum BuildWhat {
     /// QEMU 10.2.2 with the vfio-user client (QEMU=/path uses an existing one).
     Qemu,
-    /// A guest kernel: FLAVOR[:tiny|debug], e.g. v1 or v1:debug.
-    Kernel { spec: FlavorSpec },
+    /// A guest kernel: FLAVOR[:tiny|debug] (v1, upstream:debug), `all` (every flavor in both
+    /// variants) or src:PATH[:debug] (your Linux tree, built out of tree in the cache with
+    /// p2prig's config fragments and no patches).
+    Kernel { spec: BuildTarget },
     /// libibverbs and the rxe provider (rdma-core with guest-image/rdma-core/*.patch).
     RdmaCore,
     /// The initramfs with the guest agent as /init, libibverbs and the rxe provider.
@@ -78,8 +81,10 @@ enum BuildWhat {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Kernel to boot: a flavor[:variant] (v1, v1-fixed:debug) or a path to your own bzImage
-    /// (its embedded config is checked first); repeat for several, each gets its own boot.
+    /// Kernel to boot: a flavor[:variant] (v1, v1-fixed:debug, upstream), src:PATH[:debug]
+    /// (your Linux tree, built out of tree with p2prig's config fragments, no patches) or a
+    /// path to your own bzImage (its embedded config is checked first); repeat for several,
+    /// each gets its own boot.
     #[arg(long = "kernel", default_value = "v1")]
     kernels: Vec<KernelChoice>,
     /// Scenarios to run: a name, a glob (`revoke-*`) or a comma-separated list.
@@ -128,8 +133,24 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let started = Instant::now();
             match what {
                 BuildWhat::Qemu => println!("{}", qemu::build(&cache)?.binary.display()),
-                BuildWhat::Kernel { spec } => {
-                    println!("{}", kernel::build(&cache, &spec)?.bzimage.display())
+                BuildWhat::Kernel {
+                    spec: BuildTarget::Flavor(spec),
+                } => println!("{}", kernel::build(&cache, &spec)?.bzimage.display()),
+                BuildWhat::Kernel {
+                    spec: BuildTarget::Source(tree),
+                } => println!("{}", kernel::build_tree(&cache, &tree)?.bzimage.display()),
+                BuildWhat::Kernel {
+                    spec: BuildTarget::All,
+                } => {
+                    for spec in kernel::all_specs()? {
+                        let built = Instant::now();
+                        let kernel = kernel::build(&cache, &spec)?;
+                        println!(
+                            "kernel  {spec:<16} {} ({:.1} s)",
+                            kernel.bzimage.display(),
+                            built.elapsed().as_secs_f64()
+                        );
+                    }
                 }
                 BuildWhat::RdmaCore => println!("{}", rdma_core::build(&cache)?.dir.display()),
                 BuildWhat::Image => println!("{}", image::build(&cache)?.initramfs.display()),
@@ -250,6 +271,19 @@ mod tests {
         assert_eq!(args.kernels[0].to_string(), "v1:tiny");
         assert_eq!(args.scenario, "*");
         assert_eq!(args.accel, AccelChoice::Auto);
+        Ok(())
+    }
+
+    #[test]
+    fn build_kernel_accepts_all() -> Result<()> {
+        let cli = Cli::try_parse_from(["p2prig", "build", "kernel", "all"]).context("parses")?;
+        let Cmd::Build {
+            what: BuildWhat::Kernel { spec },
+        } = cli.command
+        else {
+            bail!("not build kernel")
+        };
+        assert_eq!(spec, BuildTarget::All);
         Ok(())
     }
 }

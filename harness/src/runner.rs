@@ -38,7 +38,10 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
             bzimage: kernel.bzimage.clone(),
             ..plan.rig.clone()
         };
-        let env = ScenarioEnv { uapi: kernel.uapi };
+        let env = ScenarioEnv {
+            uapi: kernel.uapi,
+            debug: kernel.debug,
+        };
         let flavor_dir = top.subdir(&spec.dir_name())?;
         let mut rig: Option<(Rig, RunDir)> = None;
         let mut boots = 0;

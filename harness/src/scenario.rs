@@ -22,6 +22,9 @@ pub enum Expect {
 #[derive(Debug, Clone)]
 pub struct ScenarioEnv {
     pub uapi: DmabufUapi,
+    /// The kernel is a debug build (KASAN, kmemleak, lockdep): the debug variant of a flavor
+    /// or of a user's tree, or a user's image with KASAN and kmemleak in its config.
+    pub debug: bool,
 }
 
 pub type RunFn = fn(&mut Rig, &ScenarioEnv, &mut Suite) -> Result<()>;
@@ -41,6 +44,14 @@ fn always_pass(_: &str) -> Expect {
 
 /// Every scenario, in the order a run executes them.
 pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "boot-check",
+        summary: "the kernel answers, vfio-pci binds nvme-cmb, rxe0 comes up on eth0, a CMB slice \
+                  (BAR2 0x1000, 8 KiB) exports as an 8192-byte dma-buf; debug builds start KASAN \
+                  and kmemleak; no kernel report since boot",
+        expect: always_pass,
+        run: crate::boot_check::run,
+    },
     Scenario {
         name: "smoke",
         summary: "BAR0's doorbell page exports as a 4096-byte dma-buf, an unaligned slice is \
