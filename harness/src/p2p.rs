@@ -997,20 +997,39 @@ fn remote_doorbell(
 // ---------------------------------------------------------------- revoke windows
 
 /// How a revoke window is opened and closed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Window {
+    /// VFIO_DEVICE_RESET, held open by nvme-cmb's reset duration.
     VfioReset,
+    /// Initiate FLR in the PCIe Device Control register, written through VFIO's config region.
+    ConfigFlr,
+    /// VFIO_DEVICE_PCI_HOT_RESET: a secondary bus reset through the switch's downstream port.
+    HotReset,
+    /// PCI_COMMAND memory decode cleared, then set again.
     MemoryDecodeOff,
+    /// PMCSR PowerState D3hot, then D0.
+    D3Hot,
+    /// The VFIO device fd closed while the dma-buf and its MR stay; no restore.
+    DeviceClose,
 }
+
+impl Window {
+    /// Reset-like windows: the device holds the reset while the request is in flight.
+    fn is_reset(self) -> bool {
+        matches!(
+            self,
+            Window::VfioReset | Window::ConfigFlr | Window::HotReset
+        )
+    }
+}
+
+const B1_RESET: &str = "B1: the seed's revoke flag is inverted, so a reset revokes nothing: the \
+    importer's write inside the reset completes as if it landed (QEMU drops it, decode being \
+    off during the reset), and after the reset the re-map fails (-ENODEV) and the MR stays dead";
 
 pub fn expect_revoke_reset(flavor: &str) -> Expect {
     match flavor {
-        "v1" => Expect::Fail(
-            "B1: the seed's revoke flag is inverted, so VFIO_DEVICE_RESET revokes nothing: the \
-             importer's write inside the reset completes as if it landed (QEMU drops it, decode \
-             being off during the FLR), and after the reset the re-map fails (-ENODEV) and the \
-             MR stays dead",
-        ),
+        "v1" => Expect::Fail(B1_RESET),
         _ => Expect::Pass,
     }
 }
@@ -1026,9 +1045,42 @@ pub fn expect_revoke_decode(flavor: &str) -> Expect {
     }
 }
 
+pub fn expect_revoke_d3(flavor: &str) -> Expect {
+    match flavor {
+        "v1" => Expect::Fail(
+            "the seed does not revoke on D3 entry: the importer's write to a function in \
+             D3hot completes successfully",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
+pub fn expect_revoke_close(flavor: &str) -> Expect {
+    match flavor {
+        "v1" => Expect::Fail(
+            "B1, close ordering: vfio_pci_core_disable() runs before the dma-buf cleanup, which \
+             then marks the buffer usable and notifies; the importer's re-map dereferences the \
+             cleared priv->vdev (NULL-pointer oops)",
+        ),
+        _ => Expect::Pass,
+    }
+}
+
 pub fn run_revoke_on_vfio_reset(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     with_held(rig, |rig, held| {
         revoke_window(rig, env, suite, held, Window::VfioReset)
+    })
+}
+
+pub fn run_revoke_on_flr(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        revoke_window(rig, env, suite, held, Window::ConfigFlr)
+    })
+}
+
+pub fn run_revoke_on_hot_reset(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        revoke_window(rig, env, suite, held, Window::HotReset)
     })
 }
 
@@ -1040,6 +1092,136 @@ pub fn run_revoke_on_mem_disable(
     with_held(rig, |rig, held| {
         revoke_window(rig, env, suite, held, Window::MemoryDecodeOff)
     })
+}
+
+pub fn run_revoke_on_d3(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        revoke_window(rig, env, suite, held, Window::D3Hot)
+    })
+}
+
+pub fn run_revoke_on_close(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| {
+        revoke_window(rig, env, suite, held, Window::DeviceClose)
+    })
+}
+
+/// Capability offsets in config space, from the capability list (PCI 3.0 6.7).
+fn find_capability(rig: &mut Rig, device: u32, id: u64) -> Result<u64> {
+    let mut pointer = config_read(rig, device, 0x34, 1)? & 0xfc;
+    for _ in 0..48 {
+        if pointer == 0 {
+            break;
+        }
+        if config_read(rig, device, pointer, 1)? == id {
+            return Ok(pointer);
+        }
+        pointer = config_read(rig, device, pointer + 1, 1)? & 0xfc;
+    }
+    bail!("capability {id:#04x} not in the function's capability list")
+}
+
+fn config_write(
+    rig: &mut Rig,
+    device: u32,
+    offset: u64,
+    width: u8,
+    value: u64,
+    what: &str,
+) -> Result<()> {
+    ok(
+        rig.agent_call(
+            AgentOp::ConfigWrite {
+                device,
+                offset,
+                width,
+                value,
+            },
+            RPC,
+        )?,
+        what,
+    )?;
+    Ok(())
+}
+
+/// Opens the window; returns the id of a request still in flight (a held reset).
+fn open_window(rig: &mut Rig, device: u32, window: Window, since: u64) -> Result<Option<u64>> {
+    let request = match window {
+        Window::VfioReset => Some(AgentOp::VfioReset { device }),
+        Window::HotReset => Some(AgentOp::VfioHotReset { device }),
+        Window::ConfigFlr => {
+            let pcie = find_capability(rig, device, 0x10)?;
+            let devctl = config_read(rig, device, pcie + 8, 2)?;
+            // PCIe 6.1 7.5.3.4: Device Control bit 15, Initiate Function Level Reset.
+            Some(AgentOp::ConfigWrite {
+                device,
+                offset: pcie + 8,
+                width: 2,
+                value: devctl | 0x8000,
+            })
+        }
+        Window::MemoryDecodeOff => {
+            let command = config_read(rig, device, 4, 2)?;
+            config_write(
+                rig,
+                device,
+                4,
+                2,
+                command & !0x2,
+                "clear PCI_COMMAND memory",
+            )?;
+            None
+        }
+        Window::D3Hot => {
+            let pm = find_capability(rig, device, 0x01)?;
+            let pmcsr = config_read(rig, device, pm + 4, 2)?;
+            config_write(rig, device, pm + 4, 2, (pmcsr & !0x3) | 0x3, "PMCSR D3hot")?;
+            None
+        }
+        Window::DeviceClose => {
+            ok(
+                rig.agent_call(AgentOp::VfioClose { device }, RPC)?,
+                "close the VFIO device",
+            )?;
+            None
+        }
+    };
+    let Some(op) = request else { return Ok(None) };
+    expect_done(rig.device_call(DeviceOp::SetResetDuration {
+        ms: RESET_WINDOW_MS,
+    })?)?;
+    let id = rig.agent_start(op)?;
+    let filter = EventFilter {
+        kind: Some("reset_start".into()),
+        ..EventFilter::default()
+    };
+    match rig.device_call(DeviceOp::WaitFor {
+        filter,
+        since: Some(since),
+        timeout_ms: 5000,
+    })? {
+        DeviceReply::WaitResult { event: Some(_), .. } => Ok(Some(id)),
+        other => bail!("the device never entered reset after {window:?}: {other:?}"),
+    }
+}
+
+fn close_window(rig: &mut Rig, device: u32, window: Window, request: Option<u64>) -> Result<()> {
+    if let Some(id) = request {
+        ok(rig.agent_finish(id, RPC)?, &format!("{window:?}"))?;
+        expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
+    }
+    match window {
+        Window::MemoryDecodeOff => {
+            let command = config_read(rig, device, 4, 2)?;
+            config_write(rig, device, 4, 2, command | 0x2, "set PCI_COMMAND memory")
+        }
+        Window::D3Hot => {
+            let pm = find_capability(rig, device, 0x01)?;
+            let pmcsr = config_read(rig, device, pm + 4, 2)?;
+            config_write(rig, device, pm + 4, 2, pmcsr & !0x3, "PMCSR D0")
+        }
+        _ => Ok(()),
+    }
 }
 
 fn revoke_window(
@@ -1054,7 +1236,7 @@ fn revoke_window(
     let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
     let context = rdma_up(rig, held)?;
     let lb = connect_pair(rig, context, held)?;
-    let (_mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
+    let (mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
         .map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
     let since = last_seq(rig)?;
     let wc = post(
@@ -1074,45 +1256,9 @@ fn revoke_window(
         t.elapsed(),
     );
 
-    // Open the window.
     let t = Instant::now();
     let window_seq = last_seq(rig)?;
-    let mut reset_request = None;
-    match window {
-        Window::VfioReset => {
-            expect_done(rig.device_call(DeviceOp::SetResetDuration {
-                ms: RESET_WINDOW_MS,
-            })?)?;
-            reset_request = Some(rig.agent_start(AgentOp::VfioReset { device })?);
-            let filter = EventFilter {
-                kind: Some("reset_start".into()),
-                ..EventFilter::default()
-            };
-            match rig.device_call(DeviceOp::WaitFor {
-                filter,
-                since: Some(window_seq),
-                timeout_ms: 5000,
-            })? {
-                DeviceReply::WaitResult { event: Some(_), .. } => {}
-                other => bail!("the device never entered reset after VFIO_DEVICE_RESET: {other:?}"),
-            }
-        }
-        Window::MemoryDecodeOff => {
-            let command = config_read(rig, device, 4, 2)?;
-            ok(
-                rig.agent_call(
-                    AgentOp::ConfigWrite {
-                        device,
-                        offset: 4,
-                        width: 2,
-                        value: command & !0x2,
-                    },
-                    RPC,
-                )?,
-                "clear PCI_COMMAND memory",
-            )?;
-        }
-    }
+    let request = open_window(rig, device, window, window_seq)?;
     let posted_ns = crate::client::mono_ns();
     let wc = post(
         rig,
@@ -1123,47 +1269,25 @@ fn revoke_window(
         rkey,
         2,
     )?;
-    let refused = matches!(&wc, Some(c) if c.status == IBV_WC_REM_ACCESS_ERR);
     suite.record(
         "write-in-window-gets-remote-access-error",
-        refused,
+        matches!(&wc, Some(c) if c.status == IBV_WC_REM_ACCESS_ERR),
         status_text(&wc),
         t.elapsed(),
     );
 
-    // Close the window.
     let t = Instant::now();
-    match window {
-        Window::VfioReset => {
-            if let Some(id) = reset_request {
-                ok(rig.agent_finish(id, RPC)?, "VFIO_DEVICE_RESET")?;
-            }
-            expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
-        }
-        Window::MemoryDecodeOff => {
-            let command = config_read(rig, device, 4, 2)?;
-            ok(
-                rig.agent_call(
-                    AgentOp::ConfigWrite {
-                        device,
-                        offset: 4,
-                        width: 2,
-                        value: command | 0x2,
-                    },
-                    RPC,
-                )?,
-                "set PCI_COMMAND memory",
-            )?;
-        }
-    }
+    close_window(rig, device, window, request)?;
     let in_window: Vec<Event> = doorbell_events(rig, window_seq)?;
-    let window_end = window_end_ns(&events_since(rig, window_seq)?, window);
-    suite.record(
-        "window-was-open-when-the-write-was-posted",
-        window_end.is_some_and(|end| end > posted_ns),
-        format!("posted at {posted_ns} ns, window closed at {window_end:?} ns"),
-        t.elapsed(),
-    );
+    if window != Window::DeviceClose {
+        let window_end = window_end_ns(&events_since(rig, window_seq)?, window);
+        suite.record(
+            "window-was-open-when-the-write-was-posted",
+            window_end.is_some_and(|end| end > posted_ns),
+            format!("posted at {posted_ns} ns, window closed at {window_end:?} ns"),
+            t.elapsed(),
+        );
+    }
     let reached: Vec<&Event> = in_window
         .iter()
         .filter(|e| {
@@ -1187,8 +1311,19 @@ fn revoke_window(
         Duration::ZERO,
     );
 
-    // After the window: fresh QPs, the same MR.
     let t = Instant::now();
+    if window == Window::DeviceClose {
+        // Nothing comes back after close; what must hold is that the MR can still go.
+        let dereg = rig.agent_call(AgentOp::DeregMr { mr }, RPC)?;
+        suite.record(
+            "dereg-after-close-is-safe",
+            dereg.is_ok(),
+            format!("{dereg:?}"),
+            t.elapsed(),
+        );
+        return Ok(());
+    }
+    // After the window: fresh QPs (the old ones are in error), the same MR.
     let lb = reconnect(rig, context, &lb, held)?;
     let since = last_seq(rig)?;
     let wc = post(
@@ -1214,12 +1349,11 @@ fn revoke_window(
 fn window_end_ns(events: &[Event], window: Window) -> Option<u64> {
     events
         .iter()
-        .find(|e| {
-            matches!(
-                (&e.kind, window),
-                (EventKind::ResetEnd { .. }, Window::VfioReset)
-                    | (EventKind::Decode { enabled: true }, Window::MemoryDecodeOff)
-            )
+        .find(|e| match (&e.kind, window) {
+            (EventKind::ResetEnd { .. }, w) => w.is_reset(),
+            (EventKind::Decode { enabled: true }, w) => w == Window::MemoryDecodeOff,
+            (EventKind::PowerState { state: 0 }, w) => w == Window::D3Hot,
+            _ => false,
         })
         .map(|e| e.mono_ns)
 }

@@ -116,10 +116,37 @@ pub const SCENARIOS: &[Scenario] = &[
         run: crate::p2p::run_revoke_on_vfio_reset,
     },
     Scenario {
+        name: "revoke-on-flr",
+        summary: "the same with an FLR initiated through the PCIe Device Control register",
+        expect: crate::p2p::expect_revoke_reset,
+        run: crate::p2p::run_revoke_on_flr,
+    },
+    Scenario {
+        name: "revoke-on-hot-reset",
+        summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
+                  downstream port)",
+        expect: crate::p2p::expect_revoke_reset,
+        run: crate::p2p::run_revoke_on_hot_reset,
+    },
+    Scenario {
         name: "revoke-on-mem-disable",
         summary: "the same with PCI_COMMAND memory decode cleared, then set again",
         expect: crate::p2p::expect_revoke_decode,
         run: crate::p2p::run_revoke_on_mem_disable,
+    },
+    Scenario {
+        name: "revoke-on-d3",
+        summary: "the same with PMCSR D3hot, then D0",
+        expect: crate::p2p::expect_revoke_d3,
+        run: crate::p2p::run_revoke_on_d3,
+    },
+    Scenario {
+        name: "revoke-on-close",
+        summary: "closing the VFIO device fd with the dma-buf and its MR kept: the next write \
+                  gets a remote access error, nothing reaches the device, the MR deregisters \
+                  cleanly and the console stays free of oopses",
+        expect: crate::p2p::expect_revoke_close,
+        run: crate::p2p::run_revoke_on_close,
     },
 ];
 
