@@ -642,4 +642,26 @@ mod tests {
         assert_eq!(tree_era(tree.path()), Some("linux-6.1"));
         Ok(())
     }
+
+    #[test]
+    fn every_flavor_names_a_source_series_and_fragments_that_exist() -> Result<()> {
+        let root = patches_root();
+        let names = flavor_names()?;
+        assert!(names.iter().any(|n| n == "upstream"), "{names:?}");
+        for name in names {
+            let flavor = load_flavor(&name)?;
+            load_source(&flavor.source)?;
+            for series in &flavor.series {
+                assert!(root.join(series).is_dir(), "{name}: series {series}");
+            }
+            for fragment in &flavor.fragments {
+                assert!(
+                    root.join("config").join(fragment).is_file(),
+                    "{name}: fragment {fragment}"
+                );
+            }
+        }
+        assert_eq!(load_flavor("upstream")?.uapi, DmabufUapi::Upstream);
+        Ok(())
+    }
 }
