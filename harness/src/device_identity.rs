@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
-use p2prig_protocol::device::{DeviceOp, DeviceReply, EventFilter};
+use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::EventKind;
 
 use crate::report::Suite;
@@ -74,26 +74,14 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         },
         RPC,
     )?;
-    let filter = EventFilter {
-        kind: Some("reset_start".into()),
-        ..EventFilter::default()
-    };
-    let event = match rig.device_call(DeviceOp::WaitFor {
-        filter,
-        since: Some(since),
-        timeout_ms: 5000,
-    })? {
-        DeviceReply::WaitResult { event, .. } => event,
-        other => bail!("nvme-cmb: unexpected {other:?}"),
-    };
-    let cause = match event.as_ref().map(|e| &e.kind) {
-        Some(EventKind::ResetStart { cause }) => cause.clone(),
-        _ => "none".into(),
-    };
+    // vfio-pci may have runtime-suspended the idle function to D3hot: the write then wakes it
+    // (a D3hot -> D0 reset) before the FLR, so look for the FLR among the resets.
+    let causes = reset_causes_after(rig, since, Duration::from_secs(5))?;
+    let flr = causes.iter().any(|c| c == "flr");
     suite.record(
         "sysfs-reset-is-an-flr",
-        reset.is_ok() && cause == "flr",
-        format!("write 1 to reset: {reset:?}; device reset cause: {cause}"),
+        reset.is_ok() && flr,
+        format!("write 1 to reset: {reset:?}; device resets since: {causes:?}"),
         t.elapsed(),
     );
 
@@ -132,6 +120,28 @@ fn cmb_registers(rig: &mut Rig, device: u32, bar2_size: u64) -> Result<(bool, St
         bir == 2 && size == bar2_size,
         format!("CMBLOC {cmbloc:#x} (BIR {bir}), CMBSZ {cmbsz:#x} (size {size:#x}), BAR2 {bar2_size:#x}"),
     ))
+}
+
+/// Causes of the resets nvme-cmb started after `since`, waiting up to `timeout` for an FLR.
+fn reset_causes_after(rig: &mut Rig, since: u64, timeout: Duration) -> Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = match rig.device_call(DeviceOp::EventsSince { since, limit: None })? {
+            DeviceReply::Events { events, .. } => events,
+            other => bail!("nvme-cmb: unexpected {other:?}"),
+        };
+        let causes: Vec<String> = events
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::ResetStart { cause } => Some(cause),
+                _ => None,
+            })
+            .collect();
+        if causes.iter().any(|c| c == "flr") || Instant::now() >= deadline {
+            return Ok(causes);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn attr(rig: &mut Rig, bdf: &str, attribute: &str) -> Result<String> {
