@@ -372,6 +372,78 @@ fn doorbell_events(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
         .collect())
 }
 
+/// A loopback pair and an MR over BAR0's doorbell page, on an open VFIO device.
+struct DoorbellMr {
+    device: u32,
+    context: u32,
+    lb: Loopback,
+    mr: u32,
+    rkey: u32,
+}
+
+fn doorbell_mr(rig: &mut Rig, env: &ScenarioEnv, held: &mut Held) -> Result<DoorbellMr> {
+    let device = open_device(rig, held)?;
+    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
+    let context = rdma_up(rig, held)?;
+    let lb = connect_pair(rig, context, held)?;
+    let (mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
+        .map_err(|e| anyhow!("reg_dmabuf_mr over the doorbell page: {e}"))?;
+    Ok(DoorbellMr {
+        device,
+        context,
+        lb,
+        mr,
+        rkey,
+    })
+}
+
+/// An 8-byte RDMA WRITE of `value` at SQ1TDBL through the doorbell MR.
+struct Ring {
+    completion: Option<Completion>,
+    /// Doorbell-page events the write caused.
+    events: Vec<Event>,
+    value: u64,
+}
+
+impl Ring {
+    fn succeeded(&self) -> bool {
+        matches!(&self.completion, Some(c) if c.status == IBV_WC_SUCCESS)
+    }
+
+    /// The write completed and the device saw exactly it, nothing else in the page.
+    fn landed(&self) -> bool {
+        let (value, only_these) = written_qword(&self.events, SQ1TDBL);
+        self.succeeded() && value == Some(self.value) && only_these
+    }
+
+    fn detail(&self) -> String {
+        format!(
+            "{}; device at BAR0+{SQ1TDBL:#x}: {}",
+            status_text(&self.completion),
+            describe(&self.events)
+        )
+    }
+}
+
+fn ring(rig: &mut Rig, lb: &Loopback, rkey: u32, value: u64, wr_id: u64) -> Result<Ring> {
+    let since = last_seq(rig)?;
+    let completion = post(
+        rig,
+        lb,
+        SendOpcode::RdmaWrite,
+        &value.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        wr_id,
+    )?;
+    let events = doorbell_events(rig, since)?;
+    Ok(Ring {
+        completion,
+        events,
+        value,
+    })
+}
+
 /// The bytes written into [offset, offset + 8) by BAR0 write events, and whether every event
 /// was a write inside that range.
 fn written_qword(events: &[Event], offset: u64) -> (Option<u64>, bool) {
@@ -431,49 +503,29 @@ fn open_device(rig: &mut Rig, held: &mut Held) -> Result<u32> {
 
 fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -> Result<()> {
     let t = Instant::now();
-    let device = open_device(rig, held)?;
-    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
-    let context = rdma_up(rig, held)?;
-    let lb = connect_pair(rig, context, held)?;
-    suite.record("rxe0-loopback-pair", true, "", t.elapsed());
-    let t = Instant::now();
-    let (_mr, rkey) = match reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)? {
-        Ok(v) => v,
-        Err(e) => {
-            suite.record("reg-dmabuf-mr", false, e, t.elapsed());
-            return Ok(());
-        }
-    };
+    let setup = doorbell_mr(rig, env, held);
     suite.record(
-        "reg-dmabuf-mr",
-        true,
-        format!("rkey {rkey:#x} over BAR0 {PAGE:#x}+{PAGE:#x}"),
+        "reg-dmabuf-mr-over-the-doorbell-page",
+        setup.is_ok(),
+        match &setup {
+            Ok(d) => format!("rkey {:#x} over BAR0 {PAGE:#x}+{PAGE:#x}", d.rkey),
+            Err(e) => format!("{e:#}"),
+        },
         t.elapsed(),
     );
+    let Ok(d) = setup else { return Ok(()) };
     let t = Instant::now();
-    let since = last_seq(rig)?;
-    let wc = post(
-        rig,
-        &lb,
-        SendOpcode::RdmaWrite,
-        &7u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
-        rkey,
-        1,
-    )?;
-    let success = matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS);
+    let r = ring(rig, &d.lb, d.rkey, 7, 1)?;
     suite.record(
         "rdma-write-completes",
-        success,
-        status_text(&wc),
+        r.succeeded(),
+        status_text(&r.completion),
         t.elapsed(),
     );
-    let events = doorbell_events(rig, since)?;
-    let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
         "device-sees-one-doorbell-write",
-        value == Some(7) && only_these && !events.is_empty(),
-        format!("at BAR0+{SQ1TDBL:#x}: {}", describe(&events)),
+        r.landed(),
+        r.detail(),
         t.elapsed(),
     );
     Ok(())
@@ -529,27 +581,14 @@ fn stray_command_write(
     held: &mut Held,
 ) -> Result<()> {
     let t = Instant::now();
-    let device = open_device(rig, held)?;
-    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
-    let context = rdma_up(rig, held)?;
-    let lb = connect_pair(rig, context, held)?;
-    let (_mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
-        .map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
-    let since = last_seq(rig)?;
-    let wc = post(
-        rig,
-        &lb,
-        SendOpcode::RdmaWrite,
-        &3u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
-        rkey,
-        1,
-    )?;
-    let landed = written_qword(&doorbell_events(rig, since)?, SQ1TDBL).0 == Some(3);
+    let DoorbellMr {
+        device, lb, rkey, ..
+    } = doorbell_mr(rig, env, held)?;
+    let before = ring(rig, &lb, rkey, 3, 1)?;
     suite.record(
         "write-lands-before",
-        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
-        status_text(&wc),
+        before.landed(),
+        before.detail(),
         t.elapsed(),
     );
     let t = Instant::now();
@@ -575,22 +614,11 @@ fn stray_command_write(
         t.elapsed(),
     );
     let t = Instant::now();
-    let since = last_seq(rig)?;
-    let wc = post(
-        rig,
-        &lb,
-        SendOpcode::RdmaWrite,
-        &4u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
-        rkey,
-        2,
-    )?;
-    let events = doorbell_events(rig, since)?;
-    let landed = written_qword(&events, SQ1TDBL).0 == Some(4);
+    let after = ring(rig, &lb, rkey, 4, 2)?;
     suite.record(
         "importer-undisturbed",
-        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
-        format!("{}; device: {}", status_text(&wc), describe(&events)),
+        after.landed(),
+        after.detail(),
         t.elapsed(),
     );
     Ok(())
@@ -1232,27 +1260,18 @@ fn revoke_window(
     window: Window,
 ) -> Result<()> {
     let t = Instant::now();
-    let device = open_device(rig, held)?;
-    let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
-    let context = rdma_up(rig, held)?;
-    let lb = connect_pair(rig, context, held)?;
-    let (mr, rkey) = reg_dmabuf(rig, held, lb.pd, dmabuf, 0, PAGE)?
-        .map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
-    let since = last_seq(rig)?;
-    let wc = post(
-        rig,
-        &lb,
-        SendOpcode::RdmaWrite,
-        &1u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
+    let DoorbellMr {
+        device,
+        context,
+        lb,
+        mr,
         rkey,
-        1,
-    )?;
-    let landed = written_qword(&doorbell_events(rig, since)?, SQ1TDBL).0 == Some(1);
+    } = doorbell_mr(rig, env, held)?;
+    let before = ring(rig, &lb, rkey, 1, 1)?;
     suite.record(
         "write-lands-before-the-window",
-        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
-        status_text(&wc),
+        before.landed(),
+        before.detail(),
         t.elapsed(),
     );
 
@@ -1325,22 +1344,11 @@ fn revoke_window(
     }
     // After the window: fresh QPs (the old ones are in error), the same MR.
     let lb = reconnect(rig, context, &lb, held)?;
-    let since = last_seq(rig)?;
-    let wc = post(
-        rig,
-        &lb,
-        SendOpcode::RdmaWrite,
-        &11u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
-        rkey,
-        3,
-    )?;
-    let events = doorbell_events(rig, since)?;
-    let landed = written_qword(&events, SQ1TDBL).0 == Some(11);
+    let after = ring(rig, &lb, rkey, 11, 3)?;
     suite.record(
         "importer-maps-again-after-restore",
-        landed && matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
-        format!("{}; device: {}", status_text(&wc), describe(&events)),
+        after.landed(),
+        after.detail(),
         t.elapsed(),
     );
     Ok(())
