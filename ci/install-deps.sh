@@ -13,8 +13,8 @@ packages=(
   qemu-system-data seabios
   # Linux kernel builds
   bc libelf-dev libssl-dev kmod
-  # headless browser: the HTML report's rendering test
-  chromium
+  # headless browser: the HTML report's rendering test; tshark decodes roce-target's captures
+  chromium tshark
   # rdma-core for the guest (libibverbs + rxe), and bindgen's libclang for the agent's
   # verbs bindings (libibverbs-dev: their headers before rdma-core is built)
   cmake libnl-3-dev libnl-route-3-dev libudev-dev libclang-dev libibverbs-dev

@@ -3,6 +3,7 @@
 //! nvme-cmb, whose event log is the oracle. The revoke scenarios hold a reset (or decode off)
 //! open while a write is posted into the MR, and check that nothing reached the device.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -798,7 +799,8 @@ fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {
 }
 
 /// Connects a guest RC QP with a fresh roce-target QP (parameters exchanged here, out of
-/// band, as the design has it: no RDMA CM). Returns the guest QP handle and the target's QPN.
+/// band, as the design has it: no RDMA CM). Returns the guest QP and CQ handles and the
+/// target's QPN.
 fn connect_to_target(
     rig: &mut Rig,
     context: u32,
@@ -898,7 +900,7 @@ fn connect_to_target(
         remote_mac: None,
     };
     target_call(rig, connect)?;
-    Ok((qp, qpn, endpoint.qpn))
+    Ok((qp, cq, endpoint.qpn))
 }
 
 /// An RDMA WRITE of `data` from a target MR to (`remote_va`, `rkey`) in the guest; returns
@@ -984,11 +986,11 @@ fn remote_doorbell(
     let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
     let context = rdma_up(rig, held)?;
     let pd = alloc_pd(rig, context, held)?;
-    let (_qp, qpn, target_qpn) = connect_to_target(rig, context, pd, held)?;
+    let (qp, _cq, target_qpn) = connect_to_target(rig, context, pd, held)?;
     suite.record(
         "qp-connected-to-roce-target",
         true,
-        format!("guest qpn {qpn}, target qpn {target_qpn}"),
+        format!("guest QP handle {qp}, target qpn {target_qpn}"),
         t.elapsed(),
     );
     let t = Instant::now();
@@ -1020,6 +1022,287 @@ fn remote_doorbell(
     );
     let _ = target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });
     Ok(())
+}
+
+// ---------------------------------------------------------------- remote verbs
+
+pub fn expect_remote_verbs(_flavor: &str) -> Expect {
+    Expect::Pass
+}
+
+/// roce-target against the guest's rxe on an ordinary MR: WRITE, READ back, SEND into a
+/// posted receive, then a WRITE with the rkey of a deregistered MR, which must be NAKed with
+/// remote access error (0x62) and put the target's QP in error. The frames of the scenario are
+/// captured and must decode with tshark with no malformed packet.
+pub fn run_remote_verbs(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+    with_held(rig, |rig, held| remote_verbs(rig, suite, held))
+}
+
+fn target_mr(rig: &mut Rig, length: u64) -> Result<u32> {
+    match target_call(
+        rig,
+        TargetOp::RegisterMr {
+            length,
+            access: None,
+        },
+    )? {
+        TargetReply::Mr(mr) => Ok(mr.key),
+        other => bail!("roce-target register_mr: unexpected {other:?}"),
+    }
+}
+
+fn target_poll(rig: &mut Rig, qpn: u32) -> Result<Option<TargetCompletion>> {
+    match target_call(
+        rig,
+        TargetOp::PollCq {
+            qpn: Some(qpn),
+            max: Some(1),
+            wait_ms: 5000,
+        },
+    )? {
+        TargetReply::Completions { mut completions } => Ok(completions.pop()),
+        other => bail!("roce-target poll_cq: unexpected {other:?}"),
+    }
+}
+
+fn guest_bytes(rig: &mut Rig, mr: u32, offset: u64, length: u64) -> Result<String> {
+    match ok(
+        rig.agent_call(AgentOp::MrRead { mr, offset, length }, RPC)?,
+        "read the guest MR",
+    )? {
+        AgentReply::Bytes { data } => Ok(data),
+        other => bail!("mr_read: unexpected {other:?}"),
+    }
+}
+
+fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()> {
+    let pcap = match target_call(
+        rig,
+        TargetOp::PcapStart {
+            name: Some("remote-verbs.pcap".into()),
+        },
+    )? {
+        TargetReply::Pcap { path, .. } => path,
+        other => bail!("roce-target pcap_start: unexpected {other:?}"),
+    };
+    let context = rdma_up(rig, held)?;
+    let pd = alloc_pd(rig, context, held)?;
+    let (qp, cq, target_qpn) = connect_to_target(rig, context, pd, held)?;
+    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
+    let (mr, addr, rkey) = match ok(
+        rig.agent_call(
+            AgentOp::RegMr {
+                pd,
+                length: 4096,
+                access,
+            },
+            RPC,
+        )?,
+        "reg_mr",
+    )? {
+        AgentReply::Mr { mr, addr, rkey, .. } => (mr, addr, rkey),
+        other => bail!("reg_mr: unexpected {other:?}"),
+    };
+    let pattern = "00112233445566778899aabbccddeeff";
+    let local = target_mr(rig, 4096)?;
+    target_call(
+        rig,
+        TargetOp::MrWrite {
+            key: local,
+            offset: 0,
+            data_hex: pattern.into(),
+            length: None,
+        },
+    )?;
+
+    let t = Instant::now();
+    let sge = |offset, length| Sge {
+        key: local,
+        offset,
+        length,
+    };
+    target_call(
+        rig,
+        TargetOp::PostWrite {
+            qpn: target_qpn,
+            wr_id: 1,
+            local: sge(0, 16),
+            remote_va: addr,
+            remote_rkey: rkey,
+            imm: None,
+        },
+    )?;
+    let wc = target_poll(rig, target_qpn)?;
+    let landed = guest_bytes(rig, mr, 0, 16)?;
+    suite.record(
+        "target-write-into-guest-mr",
+        matches!(&wc, Some(c) if c.status == CompletionStatus::Success) && landed == pattern,
+        format!("{wc:?}; guest MR: {landed}"),
+        t.elapsed(),
+    );
+
+    let t = Instant::now();
+    target_call(
+        rig,
+        TargetOp::PostRead {
+            qpn: target_qpn,
+            wr_id: 2,
+            local: sge(1024, 16),
+            remote_va: addr,
+            remote_rkey: rkey,
+        },
+    )?;
+    let wc = target_poll(rig, target_qpn)?;
+    let read = match target_call(
+        rig,
+        TargetOp::MrRead {
+            key: local,
+            offset: 1024,
+            length: 16,
+        },
+    )? {
+        TargetReply::MrData { data_hex, .. } => data_hex,
+        other => bail!("roce-target mr_read: unexpected {other:?}"),
+    };
+    suite.record(
+        "target-reads-it-back",
+        matches!(&wc, Some(c) if c.status == CompletionStatus::Success) && read == pattern,
+        format!("{wc:?}; read {read}"),
+        t.elapsed(),
+    );
+
+    let t = Instant::now();
+    ok(
+        rig.agent_call(
+            AgentOp::PostRecv {
+                qp,
+                wr_id: 7,
+                mr,
+                offset: 256,
+                length: 64,
+            },
+            RPC,
+        )?,
+        "post_recv",
+    )?;
+    target_call(
+        rig,
+        TargetOp::PostSend {
+            qpn: target_qpn,
+            wr_id: 3,
+            local: sge(0, 16),
+            imm: None,
+        },
+    )?;
+    let sent = target_poll(rig, target_qpn)?;
+    let received = poll_one(rig, cq, 5000)?;
+    let data = guest_bytes(rig, mr, 256, 16)?;
+    suite.record(
+        "target-send-into-posted-receive",
+        matches!(&sent, Some(c) if c.status == CompletionStatus::Success)
+            && matches!(&received, Some(c) if c.status == IBV_WC_SUCCESS && c.byte_len == 16 && c.wr_id == 7)
+            && data == pattern,
+        format!("target {sent:?}; guest {}; data {data}", status_text(&received)),
+        t.elapsed(),
+    );
+
+    let t = Instant::now();
+    ok(rig.agent_call(AgentOp::DeregMr { mr }, RPC)?, "dereg_mr")?;
+    target_call(
+        rig,
+        TargetOp::PostWrite {
+            qpn: target_qpn,
+            wr_id: 4,
+            local: sge(0, 16),
+            remote_va: addr,
+            remote_rkey: rkey,
+            imm: None,
+        },
+    )?;
+    let wc = target_poll(rig, target_qpn)?;
+    let state = match target_call(rig, TargetOp::QueryQp { qpn: target_qpn })? {
+        TargetReply::QpState(status) => format!("{:?}", status.state),
+        other => bail!("roce-target query_qp: unexpected {other:?}"),
+    };
+    suite.record(
+        "write-to-deregistered-rkey-is-nak-0x62",
+        matches!(&wc, Some(c) if c.status == CompletionStatus::RemoteAccessError && c.nak_code == Some(0x62))
+            && state.eq_ignore_ascii_case("error"),
+        format!("{wc:?}; target QP {state}"),
+        t.elapsed(),
+    );
+    let _ = target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });
+    let _ = target_call(rig, TargetOp::DeregisterMr { key: local });
+
+    let t = Instant::now();
+    let frames = match target_call(rig, TargetOp::PcapStop)? {
+        TargetReply::Pcap { frames, .. } => frames,
+        other => bail!("roce-target pcap_stop: unexpected {other:?}"),
+    };
+    let (decoded, detail) = tshark_check(Path::new(&pcap));
+    suite.record(
+        "pcap-decodes-cleanly",
+        frames > 0 && decoded,
+        format!("{frames} frames in {pcap}: {detail}"),
+        t.elapsed(),
+    );
+    Ok(())
+}
+
+/// Decodes a capture with tshark: RoCEv2 frames (InfiniBand over UDP 4791) must be there and
+/// no frame may be malformed. The guest's own IPv6 housekeeping (ND, MLD) is captured too;
+/// the target drops it, and it only has to decode.
+fn tshark_check(pcap: &Path) -> (bool, String) {
+    let output = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(pcap)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "frame.protocols",
+            "-e",
+            "_ws.malformed",
+            "-e",
+            "_ws.expert.message",
+        ])
+        .output();
+    let output = match output {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            return (
+                false,
+                format!(
+                    "tshark failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            )
+        }
+        Err(e) => {
+            return (
+                false,
+                format!("running tshark (install it with `make deps`): {e}"),
+            )
+        }
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let roce = lines.iter().filter(|l| l.contains("infiniband")).count();
+    let malformed: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("malformed") || l.contains("Malformed"))
+        .collect();
+    let unknown: Vec<&&str> = lines
+        .iter()
+        .filter(|l| !l.contains("infiniband") && !l.contains("arp"))
+        .collect();
+    (
+        roce > 0 && malformed.is_empty() && unknown.is_empty(),
+        format!(
+            "{} frames decoded, {roce} RoCEv2, malformed {malformed:?}, other {unknown:?}",
+            lines.len()
+        ),
+    )
 }
 
 // ---------------------------------------------------------------- revoke windows

@@ -109,6 +109,14 @@ pub const SCENARIOS: &[Scenario] = &[
         run: crate::p2p::run_remote_doorbell,
     },
     Scenario {
+        name: "remote-verbs",
+        summary: "roce-target WRITEs into and READs back an ordinary guest MR, SENDs into a posted \
+                  receive; a WRITE with a deregistered rkey is NAKed 0x62 and errors its QP; the \
+                  capture decodes with tshark",
+        expect: crate::p2p::expect_remote_verbs,
+        run: crate::p2p::run_remote_verbs,
+    },
+    Scenario {
         name: "revoke-on-vfio-reset",
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",
