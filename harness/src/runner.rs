@@ -68,6 +68,12 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 end_ns: 0,
                 run_dir: flavor_dir.path.clone(),
             };
+            if scenario.needs_debug && !env.debug {
+                result.note = "needs a debug kernel (KASAN, kmemleak): run FLAVOR:debug".into();
+                println!("    skipped: {}", result.note);
+                report.results.push(result);
+                continue;
+            }
             if rig.is_none() && boot_failure.is_none() {
                 boots += 1;
                 let dir = flavor_dir.subdir(&format!("boot-{boots}"))?;

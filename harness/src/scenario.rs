@@ -33,6 +33,8 @@ pub type RunFn = fn(&mut Rig, &ScenarioEnv, &mut Suite) -> Result<()>;
 pub struct Scenario {
     pub name: &'static str,
     pub summary: &'static str,
+    /// Runs only on debug kernels (KASAN, kmemleak, lockdep); skipped elsewhere.
+    pub needs_debug: bool,
     /// Expected outcome per flavor name.
     pub expect: fn(&str) -> Expect,
     pub run: RunFn,
@@ -49,6 +51,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "the kernel answers, vfio-pci binds nvme-cmb, rxe0 comes up on eth0, a CMB slice \
                   (BAR2 0x1000, 8 KiB) exports as an 8192-byte dma-buf; debug builds start KASAN \
                   and kmemleak; no kernel report since boot",
+        needs_debug: false,
         expect: always_pass,
         run: crate::boot_check::run,
     },
@@ -56,6 +59,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "smoke",
         summary: "BAR0's doorbell page exports as a 4096-byte dma-buf, an unaligned slice is \
                   EINVAL, a guest write of 5 to SQ0TDBL lands exactly once in nvme-cmb",
+        needs_debug: false,
         expect: always_pass,
         run: crate::smoke::run,
     },
@@ -63,6 +67,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "device-identity",
         summary: "the guest sees nvme-cmb's class code, 64-bit BARs, CMB registers naming BAR2 \
                   and FLR among its reset methods; a sysfs reset reaches the device as an FLR",
+        needs_debug: false,
         expect: always_pass,
         run: crate::device_identity::run,
     },
@@ -70,6 +75,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "export-args",
         summary: "whole BARs and page-aligned slices export with the requested size; unaligned, \
                   out-of-range, overflowing, ROM/config/absent-BAR and zero-length arguments give EINVAL",
+        needs_debug: false,
         expect: crate::export_args::expect,
         run: crate::export_args::run,
     },
@@ -77,6 +83,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "p2p-doorbell",
         summary: "rxe imports BAR0's doorbell page as a dma-buf MR; an 8-byte RDMA WRITE of 7 at \
                   SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
+        needs_debug: false,
         expect: crate::p2p::expect_doorbell,
         run: crate::p2p::run_doorbell,
     },
@@ -84,6 +91,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "slice-routing",
         summary: "a write at offset k of a CMB-slice MR (BAR2 0x1000, 8 KiB) lands at BAR2 \
                   0x1000 + k in nvme-cmb, and nowhere else",
+        needs_debug: false,
         expect: crate::p2p::expect_cmb,
         run: crate::p2p::run_slice_routing,
     },
@@ -91,6 +99,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "cmb-roundtrip",
         summary: "RDMA READ of a CMB-slice MR returns the pattern nvme-cmb filled; an RDMA WRITE \
                   into it shows up in the device's CMB, byte-exact",
+        needs_debug: false,
         expect: crate::p2p::expect_cmb,
         run: crate::p2p::run_cmb_roundtrip,
     },
@@ -98,6 +107,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "stray-command-write",
         summary: "setting bus-master in PCI_COMMAND (decode stays on) does not disturb a live \
                   importer: its next write lands",
+        needs_debug: false,
         expect: crate::p2p::expect_stray_command,
         run: crate::p2p::run_stray_command_write,
     },
@@ -105,6 +115,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "remote-doorbell",
         summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
                   guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
+        needs_debug: false,
         expect: crate::p2p::expect_remote_doorbell,
         run: crate::p2p::run_remote_doorbell,
     },
@@ -113,6 +124,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "roce-target WRITEs into and READs back an ordinary guest MR, SENDs into a posted \
                   receive; a WRITE with a deregistered rkey is NAKed 0x62 and errors its QP; the \
                   capture decodes with tshark",
+        needs_debug: false,
         expect: crate::p2p::expect_remote_verbs,
         run: crate::p2p::run_remote_verbs,
     },
@@ -120,12 +132,14 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "revoke-on-vfio-reset",
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",
+        needs_debug: false,
         expect: crate::p2p::expect_revoke_reset,
         run: crate::p2p::run_revoke_on_vfio_reset,
     },
     Scenario {
         name: "revoke-on-flr",
         summary: "the same with an FLR initiated through the PCIe Device Control register",
+        needs_debug: false,
         expect: crate::p2p::expect_revoke_reset,
         run: crate::p2p::run_revoke_on_flr,
     },
@@ -133,18 +147,21 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "revoke-on-hot-reset",
         summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
                   downstream port)",
+        needs_debug: false,
         expect: crate::p2p::expect_revoke_reset,
         run: crate::p2p::run_revoke_on_hot_reset,
     },
     Scenario {
         name: "revoke-on-mem-disable",
         summary: "the same with PCI_COMMAND memory decode cleared, then set again",
+        needs_debug: false,
         expect: crate::p2p::expect_revoke_decode,
         run: crate::p2p::run_revoke_on_mem_disable,
     },
     Scenario {
         name: "revoke-on-d3",
         summary: "the same with PMCSR D3hot, then D0",
+        needs_debug: false,
         expect: crate::p2p::expect_revoke_d3,
         run: crate::p2p::run_revoke_on_d3,
     },
@@ -153,8 +170,17 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "closing the VFIO device fd with the dma-buf and its MR kept: the next write \
                   gets a remote access error, nothing reaches the device, the MR deregisters \
                   cleanly and the console stays free of oopses",
+        needs_debug: false,
         expect: crate::p2p::expect_revoke_close,
         run: crate::p2p::run_revoke_on_close,
+    },
+    Scenario {
+        name: "map-leak",
+        summary: "many dma-buf MR registrations (map) and deregistrations (unmap) of the doorbell \
+                  page, then a kmemleak scan: nothing leaked (debug variant only)",
+        needs_debug: true,
+        expect: crate::p2p::expect_map_leak,
+        run: crate::p2p::run_map_leak,
     },
 ];
 

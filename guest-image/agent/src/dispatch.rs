@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use p2prig_protocol::agent::{AgentOp, AgentReply, DmabufUapi};
+use p2prig_protocol::agent::{AgentOp, AgentReply, DmabufUapi, KmemleakCommand};
 use p2prig_protocol::wire::{ErrorReply, Outcome};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 
@@ -87,6 +87,7 @@ pub fn describe(op: &AgentOp) -> String {
         AgentOp::VfioBind { bdf } => format!("vfio_bind {bdf}"),
         AgentOp::VfioOpen { bdf } => format!("vfio_open {bdf}"),
         AgentOp::PciAttrRead { bdf, attribute } => format!("pci_attr_read {bdf} {attribute}"),
+        AgentOp::Kmemleak { command } => format!("kmemleak {command:?}"),
         AgentOp::PciAttrWrite {
             bdf,
             attribute,
@@ -287,6 +288,12 @@ impl<P: Platform> Agent<P> {
                 self.platform.vfio_bind(bdf)?;
                 Ok(AgentReply::Done)
             }
+            AgentOp::Kmemleak { command } => Ok(AgentReply::Text {
+                text: self.platform.kmemleak(match command {
+                    KmemleakCommand::Scan => "scan",
+                    KmemleakCommand::Clear => "clear",
+                })?,
+            }),
             AgentOp::PciAttrRead { bdf, attribute } => Ok(AgentReply::Text {
                 text: self.platform.pci_attr_read(bdf, attribute)?,
             }),
@@ -656,6 +663,9 @@ pub(crate) mod fake {
         }
         fn pci_attr_write(&self, bdf: &str, _attribute: &str, _value: &str) -> Result<()> {
             self.vfio_bind(bdf)
+        }
+        fn kmemleak(&self, command: &str) -> Result<String> {
+            Ok(format!("after {command}: nothing suspected\n"))
         }
         fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {
             lock(&self.devices)

@@ -19,6 +19,8 @@ pub trait Platform: Send + Sync {
     fn vfio_bind(&self, bdf: &str) -> Result<()>;
     fn pci_attr_read(&self, bdf: &str, attribute: &str) -> Result<String>;
     fn pci_attr_write(&self, bdf: &str, attribute: &str, value: &str) -> Result<()>;
+    /// Writes `command` to kmemleak's debugfs file and returns what it then reports.
+    fn kmemleak(&self, command: &str) -> Result<String>;
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>>;
     fn dmesg(&self) -> Result<String>;
     /// Syncs and powers off; returns only when that is impossible (then the caller goes on).
@@ -127,6 +129,10 @@ impl Platform for LinuxPlatform {
 
     fn pci_attr_write(&self, bdf: &str, attribute: &str, value: &str) -> Result<()> {
         self.paths.write_pci_attribute(bdf, attribute, value)
+    }
+
+    fn kmemleak(&self, command: &str) -> Result<String> {
+        self.paths.kmemleak(command)
     }
 
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {

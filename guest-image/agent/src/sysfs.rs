@@ -149,6 +149,20 @@ impl SystemPaths {
         write_attribute(&self.pci_attribute(bdf, attribute)?, value)
     }
 
+    /// kmemleak's control and report file (debugfs, mounted by the agent at boot).
+    pub fn kmemleak(&self, command: &str) -> Result<String> {
+        let path = self.sys.join("kernel/debug/kmemleak");
+        if !path.exists() {
+            return Err(AgentError::NotFound(format!(
+                "{} does not exist: kmemleak runs only in debug kernels (FLAVOR:debug)",
+                path.display()
+            )));
+        }
+        write_attribute(&path, command)?;
+        fs::read_to_string(&path)
+            .map_err(|e| AgentError::os(format!("reading {}", path.display()), e))
+    }
+
     pub fn bind_vfio(&self, bdf: &str) -> Result<()> {
         let dir = self.pci_device(bdf)?;
         write_attribute(&dir.join("driver_override"), VFIO_PCI_DRIVER)?;
@@ -408,6 +422,17 @@ mod tests {
                 .expect_err("refused");
             assert_eq!(error.errno(), libc::EINVAL, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn kmemleak_is_driven_through_its_debugfs_file() {
+        let system = FakeSystem::new();
+        let error = system.paths.kmemleak("scan").expect_err("no kmemleak");
+        assert_eq!(error.errno(), libc::ENOENT);
+        let dir = system.paths.sys.join("kernel/debug");
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("kmemleak"), "").expect("create");
+        assert_eq!(system.paths.kmemleak("scan").expect("scanned"), "scan");
     }
 
     #[test]

@@ -70,6 +70,16 @@ fn one_u32() -> u32 {
     1
 }
 
+/// What to ask kmemleak to do before reading its report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KmemleakCommand {
+    /// Scan memory now for unreferenced objects.
+    Scan,
+    /// Forget the objects reported so far (a baseline before the scenario's own work).
+    Clear,
+}
+
 /// A request to the guest agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -160,6 +170,11 @@ pub enum AgentOp {
         bdf: String,
         attribute: String,
         value: String,
+    },
+    /// Write `command` ("scan" or "clear") to /sys/kernel/debug/kmemleak, then answer `text`
+    /// with the file's report (empty when kmemleak suspects nothing). Debug kernels only.
+    Kmemleak {
+        command: KmemleakCommand,
     },
     /// Sleep on the agent side, then answer `done`; lets tests hold a request in flight.
     Sleep {
