@@ -2,6 +2,7 @@
 //! reports which dma-buf revoke guarantees hold on which kernel.
 
 mod accel;
+mod bench;
 mod boot_check;
 mod byo;
 mod cache;
@@ -58,6 +59,9 @@ enum Cmd {
     Run(RunArgs),
     /// List the scenarios.
     List,
+    /// Measure the rig's performance figures in one boot (boot time, RDMA WRITE latency and
+    /// throughput into ordinary and CMB memory, in-guest loopback); reports, asserts nothing.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +109,18 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Kernel to boot (needs the rxe dma-buf importer).
+    #[arg(long, default_value = "v1-fixed")]
+    kernel: KernelChoice,
+    /// Samples per latency figure.
+    #[arg(long, default_value_t = 50)]
+    iterations: u32,
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
 }
 
 fn main() -> ExitCode {
@@ -189,6 +205,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(args) => run(&cache, args),
+        Cmd::Bench(args) => bench(&cache, args),
     }
 }
 
@@ -248,6 +265,46 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
+    let qemu = qemu::build(cache)?;
+    let image = image::build(cache)?;
+    let kernel = kernel::resolve(cache, &args.kernel)?;
+    let accel = accel::resolve(args.accel, cache, &qemu.binary, &kernel.bzimage)?;
+    let cfg = RigConfig {
+        qemu: qemu.binary,
+        bzimage: kernel.bzimage.clone(),
+        initramfs: Some(image.initramfs),
+        nvme_cmb: paths::workspace_binary("nvme-cmb")?,
+        roce_target: paths::workspace_binary("roce-target")?,
+        accel,
+        memory_mib: 1024,
+        boot_timeout: Duration::from_secs(300),
+        extra_cmdline: String::new(),
+    };
+    let top = RunDir::create("bench")?;
+    println!(
+        "bench on {} under {} (run directory {})",
+        args.kernel,
+        accel.name(),
+        top.path.display()
+    );
+    let mut rig = rig::Rig::boot(&cfg, &top)?;
+    let env = scenario::ScenarioEnv {
+        uapi: kernel.uapi,
+        debug: kernel.debug,
+    };
+    let figures = bench::run(&mut rig, &env, args.iterations)?;
+    rig.shutdown()?;
+    for f in &figures {
+        println!("  {:<72} {}", f.name, f.value);
+    }
+    std::fs::write(
+        top.file("bench.json"),
+        serde_json::to_string_pretty(&figures)?,
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

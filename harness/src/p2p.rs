@@ -43,14 +43,14 @@ fn ok(
 /// Agent resources a scenario created, released in reverse order when it ends whatever
 /// happened, so the next scenario on the same boot starts clean.
 #[derive(Debug, Default)]
-struct Held(Vec<AgentOp>);
+pub(crate) struct Held(Vec<AgentOp>);
 
 impl Held {
-    fn push(&mut self, release: AgentOp) {
+    pub(crate) fn push(&mut self, release: AgentOp) {
         self.0.push(release);
     }
 
-    fn release(mut self, rig: &mut Rig) {
+    pub(crate) fn release(mut self, rig: &mut Rig) {
         while let Some(op) = self.0.pop() {
             // A resource may already be gone (a QP replaced after a revoke): ignore errors.
             let _ = rig.agent_call(op, RPC);
@@ -59,7 +59,10 @@ impl Held {
 }
 
 /// Runs a scenario body and releases what it held, even when it failed.
-fn with_held(rig: &mut Rig, body: impl FnOnce(&mut Rig, &mut Held) -> Result<()>) -> Result<()> {
+pub(crate) fn with_held(
+    rig: &mut Rig,
+    body: impl FnOnce(&mut Rig, &mut Held) -> Result<()>,
+) -> Result<()> {
     let mut held = Held::default();
     let result = body(rig, &mut held);
     held.release(rig);
@@ -67,7 +70,7 @@ fn with_held(rig: &mut Rig, body: impl FnOnce(&mut Rig, &mut Held) -> Result<()>
 }
 
 /// Two connected RC QPs on rxe0: A posts, B's side owns the target MR.
-struct Loopback {
+pub(crate) struct Loopback {
     pd: u32,
     cq_a: u32,
     qp_a: u32,
@@ -76,7 +79,13 @@ struct Loopback {
     src_mr: u32,
 }
 
-fn rdma_up(rig: &mut Rig, held: &mut Held) -> Result<u32> {
+impl Loopback {
+    pub(crate) fn pd(&self) -> u32 {
+        self.pd
+    }
+}
+
+pub(crate) fn rdma_up(rig: &mut Rig, held: &mut Held) -> Result<u32> {
     ok(
         rig.agent_call(
             AgentOp::NetUp {
@@ -116,12 +125,12 @@ fn rdma_up(rig: &mut Rig, held: &mut Held) -> Result<u32> {
     }
 }
 
-fn connect_pair(rig: &mut Rig, context: u32, held: &mut Held) -> Result<Loopback> {
+pub(crate) fn connect_pair(rig: &mut Rig, context: u32, held: &mut Held) -> Result<Loopback> {
     let pd = alloc_pd(rig, context, held)?;
     connect_pair_on(rig, context, pd, held)
 }
 
-fn alloc_pd(rig: &mut Rig, context: u32, held: &mut Held) -> Result<u32> {
+pub(crate) fn alloc_pd(rig: &mut Rig, context: u32, held: &mut Held) -> Result<u32> {
     match ok(
         rig.agent_call(AgentOp::AllocPd { context }, RPC)?,
         "alloc PD",
@@ -249,7 +258,7 @@ fn reconnect(rig: &mut Rig, context: u32, old: &Loopback, held: &mut Held) -> Re
 }
 
 /// Registers `length` bytes at `offset` of the dma-buf as an MR; returns (mr, rkey).
-fn reg_dmabuf(
+pub(crate) fn reg_dmabuf(
     rig: &mut Rig,
     held: &mut Held,
     pd: u32,
@@ -276,7 +285,7 @@ fn reg_dmabuf(
 }
 
 /// Posts an RDMA op of `data.len()` bytes from A's buffer and waits for its completion.
-fn post(
+pub(crate) fn post(
     rig: &mut Rig,
     lb: &Loopback,
     opcode: SendOpcode,
@@ -327,7 +336,7 @@ fn post_start(
     })
 }
 
-fn poll_one(rig: &mut Rig, cq: u32, timeout_ms: u64) -> Result<Option<Completion>> {
+pub(crate) fn poll_one(rig: &mut Rig, cq: u32, timeout_ms: u64) -> Result<Option<Completion>> {
     match ok(
         rig.agent_call(
             AgentOp::PollCq {
@@ -498,7 +507,7 @@ pub fn run_doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Resu
     with_held(rig, |rig, held| doorbell(rig, env, suite, held))
 }
 
-fn open_device(rig: &mut Rig, held: &mut Held) -> Result<u32> {
+pub(crate) fn open_device(rig: &mut Rig, held: &mut Held) -> Result<u32> {
     let device = open_nvme(rig)?;
     held.push(AgentOp::VfioClose { device });
     Ok(device)
@@ -534,7 +543,7 @@ fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     Ok(())
 }
 
-fn export(
+pub(crate) fn export(
     rig: &mut Rig,
     held: &mut Held,
     device: u32,
@@ -793,7 +802,7 @@ fn cmb_slice_mr(rig: &mut Rig, env: &ScenarioEnv, held: &mut Held) -> Result<(Lo
 
 // ---------------------------------------------------------------- remote peer
 
-fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {
+pub(crate) fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {
     let desc = format!("{op:?}");
     rig.target_call(op)
         .and_then(|r| r.map_err(|e| anyhow!("{e}")))
@@ -803,7 +812,7 @@ fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {
 /// Connects a guest RC QP with a fresh roce-target QP (parameters exchanged here, out of
 /// band, as the design has it: no RDMA CM). Returns the guest QP and CQ handles and the
 /// target's QPN.
-fn connect_to_target(
+pub(crate) fn connect_to_target(
     rig: &mut Rig,
     context: u32,
     pd: u32,
@@ -1113,7 +1122,7 @@ pub fn run_remote_verbs(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) ->
     with_held(rig, |rig, held| remote_verbs(rig, suite, held))
 }
 
-fn target_mr(rig: &mut Rig, length: u64) -> Result<u32> {
+pub(crate) fn target_mr(rig: &mut Rig, length: u64) -> Result<u32> {
     match target_call(
         rig,
         TargetOp::RegisterMr {
