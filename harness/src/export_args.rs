@@ -1,6 +1,7 @@
 //! export-args: the export ioctl's argument checking. Valid slices (whole BAR, page-aligned
 //! slices of the registers and of the CMB) give dma-bufs of the requested size; every invalid
-//! argument gives EINVAL.
+//! argument gives EINVAL, except that upstream (7.x) answers ENODEV for a region that is not
+//! a claimed BAR (ROM, config, the upper half of a 64-bit BAR, an absent BAR).
 
 use std::time::{Duration, Instant};
 
@@ -11,11 +12,13 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use crate::report::Suite;
 use crate::rig::Rig;
 use crate::scenario::{Expect, ScenarioEnv};
+use p2prig_protocol::agent::DmabufUapi;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const NVME_CLASS: u32 = 0x010802;
 const PAGE: u64 = 0x1000;
-const EINVAL: i32 = 22;
+const EINVAL: i32 = libc::EINVAL;
+const ENODEV: i32 = libc::ENODEV;
 /// VFIO_PCI_ROM_REGION_INDEX and VFIO_PCI_CONFIG_REGION_INDEX.
 const ROM_INDEX: u32 = 6;
 const CONFIG_INDEX: u32 = 7;
@@ -36,8 +39,20 @@ struct Case {
     bar: u32,
     offset: u64,
     length: u64,
-    /// Some(size) for a valid slice, None when EINVAL is required.
+    /// Some(size) for a valid slice, None when an error is required.
     want_size: Option<u64>,
+    /// The region is no exportable BAR at all (rather than a bad range of one).
+    not_a_bar: bool,
+}
+
+/// The errno an invalid export must give. Upstream checks the region before the ranges: a
+/// region index past the BARs, or a BAR vfio-pci did not claim, is -ENODEV
+/// (vfio_pci_core_feature_dma_buf); the seed says EINVAL to everything.
+fn wanted_errno(uapi: DmabufUapi, not_a_bar: bool) -> i32 {
+    match (uapi, not_a_bar) {
+        (DmabufUapi::Upstream, true) => ENODEV,
+        _ => EINVAL,
+    }
 }
 
 pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
@@ -62,6 +77,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: 0,
             length: bar0,
+            not_a_bar: false,
             want_size: Some(bar0),
         },
         Case {
@@ -69,6 +85,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: PAGE,
             length: PAGE,
+            not_a_bar: false,
             want_size: Some(PAGE),
         },
         Case {
@@ -76,6 +93,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 2,
             offset: PAGE,
             length: 2 * PAGE,
+            not_a_bar: false,
             want_size: Some(2 * PAGE),
         },
         Case {
@@ -83,6 +101,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 2,
             offset: 0,
             length: cmb,
+            not_a_bar: false,
             want_size: Some(cmb),
         },
         Case {
@@ -90,6 +109,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: PAGE + 4,
             length: PAGE,
+            not_a_bar: false,
             want_size: None,
         },
         Case {
@@ -97,6 +117,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: PAGE,
             length: PAGE / 2,
+            not_a_bar: false,
             want_size: None,
         },
         Case {
@@ -104,6 +125,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: bar0,
             length: PAGE,
+            not_a_bar: false,
             want_size: None,
         },
         Case {
@@ -111,6 +133,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: PAGE,
             length: bar0,
+            not_a_bar: false,
             want_size: None,
         },
         Case {
@@ -118,6 +141,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: PAGE,
             length: u64::MAX - PAGE + 1,
+            not_a_bar: false,
             want_size: None,
         },
         Case {
@@ -125,6 +149,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: ROM_INDEX,
             offset: 0,
             length: PAGE,
+            not_a_bar: true,
             want_size: None,
         },
         Case {
@@ -132,6 +157,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: CONFIG_INDEX,
             offset: 0,
             length: PAGE,
+            not_a_bar: true,
             want_size: None,
         },
         // BAR1 is the upper half of 64-bit BAR0 and BAR4 is not implemented: no resource.
@@ -140,6 +166,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 1,
             offset: 0,
             length: PAGE,
+            not_a_bar: true,
             want_size: None,
         },
         Case {
@@ -147,6 +174,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 4,
             offset: 0,
             length: PAGE,
+            not_a_bar: true,
             want_size: None,
         },
         Case {
@@ -154,6 +182,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             bar: 0,
             offset: PAGE,
             length: 0,
+            not_a_bar: false,
             want_size: None,
         },
     ];
@@ -181,12 +210,20 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
                 format!("{args}: want a {want}-byte dma-buf, got {e}"),
             ),
             (Err(e), None) => (
-                e.errno == EINVAL,
-                format!("{args}: errno {} ({})", e.errno, e.message),
+                e.errno == wanted_errno(env.uapi, case.not_a_bar),
+                format!(
+                    "{args}: errno {} ({}), want {}",
+                    e.errno,
+                    e.message,
+                    wanted_errno(env.uapi, case.not_a_bar)
+                ),
             ),
             (Ok(AgentReply::Dmabuf { size, .. }), None) => (
                 false,
-                format!("{args}: want EINVAL, got a dma-buf of {size} bytes"),
+                format!(
+                    "{args}: want errno {}, got a dma-buf of {size} bytes",
+                    wanted_errno(env.uapi, case.not_a_bar)
+                ),
             ),
             (Ok(other), _) => (false, format!("{args}: unexpected reply {other:?}")),
         };
@@ -234,5 +271,12 @@ mod tests {
         assert!(matches!(expect("v1"), Expect::Fail(why) if why.starts_with("B4")));
         assert!(matches!(expect("v1-fixed"), Expect::Fail(_)));
         assert_eq!(expect("upstream"), Expect::Pass);
+    }
+
+    #[test]
+    fn upstream_says_enodev_for_a_region_that_is_no_claimed_bar() {
+        assert_eq!(wanted_errno(DmabufUapi::Upstream, true), ENODEV);
+        assert_eq!(wanted_errno(DmabufUapi::Upstream, false), EINVAL);
+        assert_eq!(wanted_errno(DmabufUapi::SeedV1, true), EINVAL);
     }
 }
