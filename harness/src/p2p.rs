@@ -1461,44 +1461,22 @@ pub fn expect_revoke_close(flavor: &str) -> Expect {
     }
 }
 
-pub fn run_revoke_on_vfio_reset(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-    with_held(rig, |rig, held| {
-        revoke_window(rig, env, suite, held, Window::VfioReset)
-    })
+/// One entry point per window: the scenario registry holds plain fn pointers.
+macro_rules! window_scenarios {
+    ($($name:ident => $window:expr),* $(,)?) => {$(
+        pub fn $name(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+            with_held(rig, |rig, held| revoke_window(rig, env, suite, held, $window))
+        }
+    )*};
 }
 
-pub fn run_revoke_on_flr(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-    with_held(rig, |rig, held| {
-        revoke_window(rig, env, suite, held, Window::ConfigFlr)
-    })
-}
-
-pub fn run_revoke_on_hot_reset(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-    with_held(rig, |rig, held| {
-        revoke_window(rig, env, suite, held, Window::HotReset)
-    })
-}
-
-pub fn run_revoke_on_mem_disable(
-    rig: &mut Rig,
-    env: &ScenarioEnv,
-    suite: &mut Suite,
-) -> Result<()> {
-    with_held(rig, |rig, held| {
-        revoke_window(rig, env, suite, held, Window::MemoryDecodeOff)
-    })
-}
-
-pub fn run_revoke_on_d3(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-    with_held(rig, |rig, held| {
-        revoke_window(rig, env, suite, held, Window::D3Hot)
-    })
-}
-
-pub fn run_revoke_on_close(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-    with_held(rig, |rig, held| {
-        revoke_window(rig, env, suite, held, Window::DeviceClose)
-    })
+window_scenarios! {
+    run_revoke_on_vfio_reset => Window::VfioReset,
+    run_revoke_on_flr => Window::ConfigFlr,
+    run_revoke_on_hot_reset => Window::HotReset,
+    run_revoke_on_mem_disable => Window::MemoryDecodeOff,
+    run_revoke_on_d3 => Window::D3Hot,
+    run_revoke_on_close => Window::DeviceClose,
 }
 
 /// Capability offsets in config space, from the capability list (PCI 3.0 6.7).
