@@ -68,9 +68,11 @@ flock -n 9 || die "another build is using $work" "wait for it to finish, or use 
 
 verified() { [ -f "$1" ] && echo "$2  $1" | sha256sum -c --status; }
 
+# gc.auto/maintenance.auto off: an automatic `git gc` after the base commit would repack the
+# whole tree in the background, holding the work dir's lock (fd 9 is inherited) and a core.
 git_src() {
   git -C "$src" -c user.name="p2prig" -c user.email="p2prig@localhost" \
-      -c commit.gpgsign=false -c core.hooksPath=/dev/null -c advice.mergeConflict=false -c advice.amWorkDir=false "$@"
+      -c gc.auto=0 -c maintenance.auto=false -c commit.gpgsign=false -c core.hooksPath=/dev/null -c advice.mergeConflict=false -c advice.amWorkDir=false "$@"
 }
 
 # ---------------------------------------------------------------------------------------

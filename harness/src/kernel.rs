@@ -307,16 +307,20 @@ fn load_source(name: &str) -> Result<Source> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// The variant's fragments, merged after the flavor's: `<variant>.config`, then
-/// `<source>-<variant>.config` when that file exists (options of one variant that only one
-/// kernel era has, e.g. linux-6.1-debug.config).
-fn variant_fragments(config_dir: &Path, source: &str, variant: Variant) -> Vec<PathBuf> {
-    let mut fragments = vec![config_dir.join(format!("{}.config", variant.name()))];
-    let era = config_dir.join(format!("{source}-{}.config", variant.name()));
-    if era.is_file() {
-        fragments.push(era);
+/// The variant's fragments, merged after the flavor's `fragments` (file names in
+/// `config_dir`): `<variant>.config`, then each flavor fragment's companion
+/// `<fragment stem>-<variant>.config` when that file exists (an era's options for one variant,
+/// e.g. linux-6.1-debug.config next to linux-6.1.config).
+fn variant_fragments(config_dir: &Path, fragments: &[String], variant: Variant) -> Vec<PathBuf> {
+    let mut out = vec![config_dir.join(format!("{}.config", variant.name()))];
+    for fragment in fragments {
+        let stem = fragment.strip_suffix(".config").unwrap_or(fragment);
+        let companion = config_dir.join(format!("{stem}-{}.config", variant.name()));
+        if companion.is_file() {
+            out.push(companion);
+        }
     }
-    fragments
+    out
 }
 
 pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
@@ -333,7 +337,7 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
         .collect();
     fragments.extend(variant_fragments(
         &root.join("config"),
-        &flavor.source,
+        &flavor.fragments,
         spec.variant,
     ));
 
@@ -463,15 +467,10 @@ fn tree_era(tree: &Path) -> Option<&'static str> {
 
 /// base.config, the era's fragment (if any), then the variant's fragments.
 fn tree_fragments(config_dir: &Path, era: Option<&str>, variant: Variant) -> Vec<PathBuf> {
-    let mut fragments = vec![config_dir.join("base.config")];
-    if let Some(era) = era {
-        fragments.push(config_dir.join(format!("{era}.config")));
-    }
-    fragments.extend(variant_fragments(
-        config_dir,
-        era.unwrap_or("none"),
-        variant,
-    ));
+    let mut names = vec!["base.config".to_string()];
+    names.extend(era.map(|era| format!("{era}.config")));
+    let mut fragments: Vec<PathBuf> = names.iter().map(|n| config_dir.join(n)).collect();
+    fragments.extend(variant_fragments(config_dir, &names, variant));
     fragments
 }
 
@@ -599,23 +598,30 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let config = dir.path();
         std::fs::write(config.join("linux-6.1-debug.config"), "")?;
+        std::fs::write(config.join("linux-7.x-debug.config"), "")?;
         let names = |paths: Vec<PathBuf>| -> Vec<String> {
             paths
                 .iter()
                 .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
                 .collect()
         };
+        let flavor = ["base.config".to_string(), "linux-6.1.config".to_string()];
         assert_eq!(
-            names(variant_fragments(config, "linux-6.1", Variant::Debug)),
+            names(variant_fragments(config, &flavor, Variant::Debug)),
             ["debug.config", "linux-6.1-debug.config"]
         );
         assert_eq!(
-            names(variant_fragments(config, "linux-6.1", Variant::Tiny)),
+            names(variant_fragments(config, &flavor, Variant::Tiny)),
             ["tiny.config"]
         );
         assert_eq!(
             names(tree_fragments(config, Some("linux-7.x"), Variant::Debug)),
-            ["base.config", "linux-7.x.config", "debug.config"]
+            [
+                "base.config",
+                "linux-7.x.config",
+                "debug.config",
+                "linux-7.x-debug.config"
+            ]
         );
         assert_eq!(
             names(tree_fragments(config, None, Variant::Tiny)),
