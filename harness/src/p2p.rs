@@ -143,50 +143,64 @@ pub(crate) fn alloc_pd(rig: &mut Rig, context: u32, held: &mut Held) -> Result<u
     }
 }
 
-/// A connected pair on `pd`, so MRs of that PD stay reachable from its QPs.
-fn connect_pair_on(rig: &mut Rig, context: u32, pd: u32, held: &mut Held) -> Result<Loopback> {
-    let gid = match ok(
+/// The RoCEv2 IPv4 GID of rxe0's port 1.
+fn rxe_gid(rig: &mut Rig, context: u32) -> Result<String> {
+    match ok(
         rig.agent_call(AgentOp::RdmaGid { context }, RPC)?,
         "rxe0 GID",
     )? {
-        AgentReply::Gid { gid, .. } => gid,
+        AgentReply::Gid { gid, .. } => Ok(gid),
         other => bail!("gid: unexpected {other:?}"),
-    };
-    let mut cqs = Vec::new();
-    for _ in 0..2 {
-        match ok(
-            rig.agent_call(
-                AgentOp::CreateCq {
-                    context,
-                    entries: 64,
-                },
-                RPC,
-            )?,
-            "create CQ",
-        )? {
-            AgentReply::Cq { cq } => {
-                held.push(AgentOp::DestroyCq { cq });
-                cqs.push(cq);
-            }
-            other => bail!("cq: unexpected {other:?}"),
-        }
     }
+}
+
+fn create_cq(rig: &mut Rig, context: u32, held: &mut Held) -> Result<u32> {
+    match ok(
+        rig.agent_call(
+            AgentOp::CreateCq {
+                context,
+                entries: 64,
+            },
+            RPC,
+        )?,
+        "create CQ",
+    )? {
+        AgentReply::Cq { cq } => {
+            held.push(AgentOp::DestroyCq { cq });
+            Ok(cq)
+        }
+        other => bail!("cq: unexpected {other:?}"),
+    }
+}
+
+/// An RC QP on `pd` with `cq` for both queues; returns (handle, qpn).
+fn create_qp(rig: &mut Rig, pd: u32, cq: u32, held: &mut Held) -> Result<(u32, u32)> {
+    let op = AgentOp::CreateQp {
+        pd,
+        send_cq: cq,
+        recv_cq: cq,
+        max_send_wr: 16,
+        max_recv_wr: 16,
+    };
+    match ok(rig.agent_call(op, RPC)?, "create QP")? {
+        AgentReply::Qp { qp, qpn } => {
+            held.push(AgentOp::DestroyQp { qp });
+            Ok((qp, qpn))
+        }
+        other => bail!("qp: unexpected {other:?}"),
+    }
+}
+
+/// A connected pair on `pd`, so MRs of that PD stay reachable from its QPs.
+fn connect_pair_on(rig: &mut Rig, context: u32, pd: u32, held: &mut Held) -> Result<Loopback> {
+    let gid = rxe_gid(rig, context)?;
+    let cqs = [
+        create_cq(rig, context, held)?,
+        create_cq(rig, context, held)?,
+    ];
     let mut qps = Vec::new();
     for &cq in &cqs {
-        let op = AgentOp::CreateQp {
-            pd,
-            send_cq: cq,
-            recv_cq: cq,
-            max_send_wr: 16,
-            max_recv_wr: 16,
-        };
-        match ok(rig.agent_call(op, RPC)?, "create QP")? {
-            AgentReply::Qp { qp, qpn } => {
-                held.push(AgentOp::DestroyQp { qp });
-                qps.push((qp, qpn));
-            }
-            other => bail!("qp: unexpected {other:?}"),
-        }
+        qps.push(create_qp(rig, pd, cq, held)?);
     }
     let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
     for (i, &(qp, _)) in qps.iter().enumerate() {
@@ -835,48 +849,9 @@ pub(crate) fn connect_to_target(
         )?,
         "neighbour entry for roce-target",
     )?;
-    let guest_gid = match ok(
-        rig.agent_call(AgentOp::RdmaGid { context }, RPC)?,
-        "rxe0 GID",
-    )? {
-        AgentReply::Gid { gid, .. } => gid,
-        other => bail!("gid: unexpected {other:?}"),
-    };
-    let cq = match ok(
-        rig.agent_call(
-            AgentOp::CreateCq {
-                context,
-                entries: 64,
-            },
-            RPC,
-        )?,
-        "create CQ",
-    )? {
-        AgentReply::Cq { cq } => {
-            held.push(AgentOp::DestroyCq { cq });
-            cq
-        }
-        other => bail!("cq: unexpected {other:?}"),
-    };
-    let (qp, qpn) = match ok(
-        rig.agent_call(
-            AgentOp::CreateQp {
-                pd,
-                send_cq: cq,
-                recv_cq: cq,
-                max_send_wr: 16,
-                max_recv_wr: 16,
-            },
-            RPC,
-        )?,
-        "create QP",
-    )? {
-        AgentReply::Qp { qp, qpn } => {
-            held.push(AgentOp::DestroyQp { qp });
-            (qp, qpn)
-        }
-        other => bail!("qp: unexpected {other:?}"),
-    };
+    let guest_gid = rxe_gid(rig, context)?;
+    let cq = create_cq(rig, context, held)?;
+    let (qp, qpn) = create_qp(rig, pd, cq, held)?;
     let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
     ok(
         rig.agent_call(AgentOp::QpInit { qp, access }, RPC)?,
