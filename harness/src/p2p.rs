@@ -191,6 +191,49 @@ fn create_qp(rig: &mut Rig, pd: u32, cq: u32, held: &mut Held) -> Result<(u32, u
     }
 }
 
+/// Where an RC QP sends and how patiently: the remote end and our own send PSN.
+struct RcPath {
+    remote_qpn: u32,
+    remote_psn: u32,
+    remote_gid: String,
+    path_mtu: u32,
+    psn: u32,
+    /// IBTA local ACK timeout exponent.
+    timeout: u8,
+    /// Both the transport and the RNR retry count.
+    retries: u8,
+}
+
+/// RESET -> INIT -> RTR -> RTS, with local write and remote read/write access.
+fn qp_to_rts(rig: &mut Rig, qp: u32, path: &RcPath) -> Result<()> {
+    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
+    ok(
+        rig.agent_call(AgentOp::QpInit { qp, access }, RPC)?,
+        "QP INIT",
+    )?;
+    let rtr = AgentOp::QpRtr {
+        qp,
+        remote_qpn: path.remote_qpn,
+        remote_psn: path.remote_psn,
+        remote_gid: path.remote_gid.clone(),
+        path_mtu: path.path_mtu,
+        gid_index: None,
+        max_dest_rd_atomic: 1,
+        min_rnr_timer: 12,
+    };
+    ok(rig.agent_call(rtr, RPC)?, "QP RTR")?;
+    let rts = AgentOp::QpRts {
+        qp,
+        psn: path.psn,
+        timeout: path.timeout,
+        retry_cnt: path.retries,
+        rnr_retry: path.retries,
+        max_rd_atomic: 1,
+    };
+    ok(rig.agent_call(rts, RPC)?, "QP RTS")?;
+    Ok(())
+}
+
 /// A connected pair on `pd`, so MRs of that PD stay reachable from its QPs.
 fn connect_pair_on(rig: &mut Rig, context: u32, pd: u32, held: &mut Held) -> Result<Loopback> {
     let gid = rxe_gid(rig, context)?;
@@ -202,40 +245,19 @@ fn connect_pair_on(rig: &mut Rig, context: u32, pd: u32, held: &mut Held) -> Res
     for &cq in &cqs {
         qps.push(create_qp(rig, pd, cq, held)?);
     }
-    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
     for (i, &(qp, _)) in qps.iter().enumerate() {
-        let (_, remote_qpn) = qps[1 - i];
-        ok(
-            rig.agent_call(
-                AgentOp::QpInit {
-                    qp,
-                    access: access.clone(),
-                },
-                RPC,
-            )?,
-            "QP INIT",
-        )?;
-        let rtr = AgentOp::QpRtr {
-            qp,
-            remote_qpn,
+        let path = RcPath {
+            remote_qpn: qps[1 - i].1,
             remote_psn: 100,
             remote_gid: gid.clone(),
             path_mtu: 1024,
-            gid_index: None,
-            max_dest_rd_atomic: 1,
-            min_rnr_timer: 12,
-        };
-        ok(rig.agent_call(rtr, RPC)?, "QP RTR")?;
-        let rts = AgentOp::QpRts {
-            qp,
             psn: 100,
             timeout: 10,
-            retry_cnt: 2,
-            rnr_retry: 2,
-            max_rd_atomic: 1,
+            retries: 2,
         };
-        ok(rig.agent_call(rts, RPC)?, "QP RTS")?;
+        qp_to_rts(rig, qp, &path)?;
     }
+    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
     let src_mr = match ok(
         rig.agent_call(
             AgentOp::RegMr {
@@ -852,31 +874,16 @@ pub(crate) fn connect_to_target(
     let guest_gid = rxe_gid(rig, context)?;
     let cq = create_cq(rig, context, held)?;
     let (qp, qpn) = create_qp(rig, pd, cq, held)?;
-    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
-    ok(
-        rig.agent_call(AgentOp::QpInit { qp, access }, RPC)?,
-        "QP INIT",
-    )?;
-    let rtr = AgentOp::QpRtr {
-        qp,
+    let path = RcPath {
         remote_qpn: endpoint.qpn,
         remote_psn: endpoint.psn,
         remote_gid: endpoint.gid.clone(),
         path_mtu: endpoint.path_mtu,
-        gid_index: None,
-        max_dest_rd_atomic: 1,
-        min_rnr_timer: 12,
-    };
-    ok(rig.agent_call(rtr, RPC)?, "QP RTR")?;
-    let rts = AgentOp::QpRts {
-        qp,
         psn: 200,
         timeout: 14,
-        retry_cnt: 7,
-        rnr_retry: 7,
-        max_rd_atomic: 1,
+        retries: 7,
     };
-    ok(rig.agent_call(rts, RPC)?, "QP RTS")?;
+    qp_to_rts(rig, qp, &path)?;
     let connect = TargetOp::Connect {
         qpn: endpoint.qpn,
         remote_qpn: qpn,
