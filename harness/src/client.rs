@@ -158,6 +158,17 @@ impl LineClient {
         timeout: Duration,
         on_wait: &mut dyn FnMut() -> Result<()>,
     ) -> Result<std::result::Result<T, ErrorReply>> {
+        Ok(self.finish_stamped(id, timeout, on_wait)?.0)
+    }
+
+    /// [`LineClient::finish`], with the peer's stamp of when the operation finished (on the
+    /// peer's CLOCK_MONOTONIC), if it sent one.
+    pub fn finish_stamped<T: DeserializeOwned>(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+        on_wait: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<(std::result::Result<T, ErrorReply>, Option<u64>)> {
         let deadline = Instant::now() + timeout;
         let line = loop {
             if let Some(line) = self.stash.remove(&id) {
@@ -185,10 +196,11 @@ impl LineClient {
                 String::from_utf8_lossy(&line).trim_end()
             )
         })?;
-        Ok(match reply.outcome {
+        let outcome = match reply.outcome {
             Outcome::Ok(value) => Ok(value),
             Outcome::Err(e) => Err(e),
-        })
+        };
+        Ok((outcome, reply.done_ns))
     }
 
     /// One JSON line per message: `{"mono_ns":..,"dir":"send"|"recv","msg":<the message>}`,

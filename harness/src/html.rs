@@ -183,10 +183,17 @@ fn section(r: &ScenarioResult) -> String {
     out
 }
 
-/// The marks of one scenario, read from its boot directory's agent transcript and device trace.
+/// The marks of one scenario, read from its boot directory's agent and roce-target
+/// transcripts and the device trace.
 fn marks_for(r: &ScenarioResult) -> Vec<Mark> {
     let read = |name: &str| std::fs::read_to_string(r.run_dir.join(name)).unwrap_or_default();
-    let mut marks = agent_marks(&read("agent.transcript"), r.start_ns, r.end_ns);
+    let mut marks = rpc_marks(&read("agent.transcript"), Lane::Guest, r.start_ns, r.end_ns);
+    marks.extend(rpc_marks(
+        &read("roce-target.transcript"),
+        Lane::Target,
+        r.start_ns,
+        r.end_ns,
+    ));
     marks.extend(device_marks(
         &read("nvme-cmb.trace.jsonl"),
         r.start_ns,
@@ -195,8 +202,10 @@ fn marks_for(r: &ScenarioResult) -> Vec<Mark> {
     marks
 }
 
-/// Agent RPCs as spans: a "send" line opens one, the "recv" with the same id closes it.
-pub fn agent_marks(transcript: &str, start_ns: u64, end_ns: u64) -> Vec<Mark> {
+/// Requests (agent or roce-target) as spans: a "send" line opens one, the "recv" with the
+/// same id closes it. A failed request, or a target poll that returned a NAKed or failed
+/// completion, is drawn as not ok, with the syndrome in its title.
+pub fn rpc_marks(transcript: &str, lane: Lane, start_ns: u64, end_ns: u64) -> Vec<Mark> {
     let mut open: Vec<(u64, u64, String)> = Vec::new();
     let mut marks = Vec::new();
     for line in transcript.lines() {
@@ -212,14 +221,17 @@ pub fn agent_marks(transcript: &str, start_ns: u64, end_ns: u64) -> Vec<Mark> {
                 if let Some(pos) = open.iter().position(|(i, _, _)| *i == id) {
                     let (_, sent, label) = open.remove(pos);
                     if sent >= start_ns && sent <= end_ns {
-                        let ok = msg.get("ok").is_some();
-                        let label = if ok {
-                            label
-                        } else {
-                            format!("{label} -> errno {}", msg["err"]["errno"])
+                        let (label, ok) = match msg.get("ok") {
+                            Some(reply) => match completions_label(reply) {
+                                Some((outcome, all_acked)) => {
+                                    (format!("{label} -> {outcome}"), all_acked)
+                                }
+                                None => (label, true),
+                            },
+                            None => (format!("{label} -> errno {}", msg["err"]["errno"]), false),
                         };
                         marks.push(Mark::Span {
-                            lane: Lane::Guest,
+                            lane,
                             start_ns: sent,
                             end_ns: at,
                             label,
@@ -232,6 +244,33 @@ pub fn agent_marks(transcript: &str, start_ns: u64, end_ns: u64) -> Vec<Mark> {
         }
     }
     marks
+}
+
+/// For a roce-target poll reply: each completion as ACK or NAK with its syndrome, and
+/// whether all of them succeeded.
+fn completions_label(reply: &Value) -> Option<(String, bool)> {
+    let completions = reply.get("completions")?.as_array()?;
+    if completions.is_empty() {
+        return Some(("no completion".into(), true));
+    }
+    let mut all_acked = true;
+    let parts: Vec<String> = completions
+        .iter()
+        .map(|c| {
+            let status = c["status"].as_str().unwrap_or("?");
+            let what = format!("wr {} {}", c["wr_id"], c["opcode"].as_str().unwrap_or("?"));
+            if status == "success" {
+                format!("ACK {what}")
+            } else {
+                all_acked = false;
+                match c["nak_code"].as_u64() {
+                    Some(code) => format!("NAK {code:#04x} {what} ({status})"),
+                    None => format!("{status} {what}"),
+                }
+            }
+        })
+        .collect();
+    Some((parts.join(", "), all_acked))
 }
 
 fn op_label(msg: &Value) -> String {
@@ -441,6 +480,14 @@ mod tests {
 {"mono_ns":5000,"dir":"recv","msg":{"id":2,"err":{"errno":22,"message":"x"}}}
 "#;
 
+    const TARGET_TRANSCRIPT: &str = r#"{"mono_ns":2000,"dir":"send","msg":{"id":1,"op":"post_write","qpn":17,"wr_id":2}}
+{"mono_ns":2100,"dir":"recv","msg":{"id":1,"ok":{"type":"done"}}}
+{"mono_ns":2200,"dir":"send","msg":{"id":2,"op":"poll_cq","qpn":17,"max":1,"wait_ms":5000}}
+{"mono_ns":2700,"dir":"recv","msg":{"id":2,"ok":{"type":"completions","completions":[{"qpn":17,"wr_id":2,"opcode":"write","status":"remote_access_error","nak_code":98,"byte_len":0}]}}}
+{"mono_ns":7000,"dir":"send","msg":{"id":3,"op":"poll_cq","qpn":18,"max":1,"wait_ms":5000}}
+{"mono_ns":7300,"dir":"recv","msg":{"id":3,"ok":{"type":"completions","completions":[{"qpn":18,"wr_id":3,"opcode":"write","status":"success","byte_len":8}]}}}
+"#;
+
     const TRACE: &str = r#"{"seq":1,"mono_ns":500,"generation":0,"kind":"bar","access":"write","bar":0,"offset":20,"size":4,"value":1}
 {"seq":2,"mono_ns":2000,"generation":0,"kind":"bar","access":"write","bar":0,"offset":4096,"size":4,"value":5}
 {"seq":3,"mono_ns":2500,"generation":0,"kind":"reset_start","cause":"flr"}
@@ -451,7 +498,7 @@ mod tests {
 
     #[test]
     fn rpc_spans_pair_requests_with_replies_inside_the_window() {
-        let marks = agent_marks(TRANSCRIPT, 0, 10_000);
+        let marks = rpc_marks(TRANSCRIPT, Lane::Guest, 0, 10_000);
         assert_eq!(marks.len(), 2);
         assert!(
             matches!(&marks[0], Mark::Span { start_ns: 1000, end_ns: 3000, ok: true, label, .. } if label.starts_with("bar_write"))
@@ -460,9 +507,24 @@ mod tests {
             matches!(&marks[1], Mark::Span { ok: false, label, .. } if label.contains("errno 22"))
         );
         assert_eq!(
-            agent_marks(TRANSCRIPT, 3500, 10_000).len(),
+            rpc_marks(TRANSCRIPT, Lane::Guest, 3500, 10_000).len(),
             1,
             "a request sent before the window is not this scenario's"
+        );
+    }
+
+    #[test]
+    fn target_polls_show_ack_and_nak_with_the_syndrome() {
+        let marks = rpc_marks(TARGET_TRANSCRIPT, Lane::Target, 0, 10_000);
+        assert_eq!(marks.len(), 3);
+        assert!(
+            matches!(&marks[1], Mark::Span { lane: Lane::Target, ok: false, label, .. }
+                if label.ends_with("-> NAK 0x62 wr 2 write (remote_access_error)")),
+            "{marks:?}"
+        );
+        assert!(
+            matches!(&marks[2], Mark::Span { ok: true, label, .. } if label.ends_with("-> ACK wr 3 write")),
+            "{marks:?}"
         );
     }
 
@@ -515,6 +577,7 @@ mod tests {
     fn html_report_renders_in_chromium() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("agent.transcript"), TRANSCRIPT)?;
+        std::fs::write(dir.path().join("roce-target.transcript"), TARGET_TRANSCRIPT)?;
         std::fs::write(dir.path().join("nvme-cmb.trace.jsonl"), TRACE)?;
         let mut report = crate::report::tests::report();
         for r in &mut report.results {
@@ -567,7 +630,8 @@ mod tests {
 
     #[test]
     fn svg_has_lanes_titles_and_a_red_violation() {
-        let mut marks = agent_marks(TRANSCRIPT, 0, 10_000);
+        let mut marks = rpc_marks(TRANSCRIPT, Lane::Guest, 0, 10_000);
+        marks.extend(rpc_marks(TARGET_TRANSCRIPT, Lane::Target, 0, 10_000));
         marks.extend(device_marks(TRACE, 0, 10_000));
         let svg = timeline_svg(&marks, 0, 10_000);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
@@ -576,6 +640,7 @@ mod tests {
         }
         assert!(svg.contains("class=\"violation\"") && svg.contains("#d01010"));
         assert!(svg.contains("<title>reset (flr)</title>"));
-        assert_eq!(svg.matches("<title>").count(), 2 + 6 + 1);
+        assert!(svg.contains("NAK 0x62 wr 2 write"));
+        assert_eq!(svg.matches("<title>").count(), 2 + 3 + 6 + 1);
     }
 }

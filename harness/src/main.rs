@@ -17,6 +17,7 @@ mod p2p;
 mod paths;
 mod process;
 mod qemu;
+mod races;
 mod rdma_core;
 mod recipe;
 mod report;
@@ -109,6 +110,27 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
+    /// Seed of the randomised scenarios (release-races), decimal or 0x-hex; a run prints the
+    /// one it used (default: a fresh one per run).
+    #[arg(long, value_parser = parse_seed)]
+    seed: Option<u64>,
+}
+
+fn parse_seed(text: &str) -> std::result::Result<u64, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|e| format!("`{text}` is not a 64-bit seed (decimal or 0x-hex): {e}"))
+}
+
+/// A fresh seed when none is given: the clock and the pid, mixed.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 #[derive(Debug, clap::Args)]
@@ -219,6 +241,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         kernels: args.kernels.clone(),
         scenarios,
         strict: args.strict,
+        seed: args.seed.unwrap_or_else(fresh_seed),
         rig: RigConfig {
             qemu: qemu.binary,
             bzimage: first_kernel.bzimage,
@@ -237,6 +260,10 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     };
     let top = RunDir::create(&label)?;
     println!("run directory: {}", top.path.display());
+    println!(
+        "seed {:#x} (replay the random timing with --seed {:#x})",
+        plan.seed, plan.seed
+    );
     let report = runner::run(cache, &plan, &top)?;
     report.write_junit(&top.file("junit.xml"))?;
     report.write_json(&top.file("results.json"))?;
@@ -294,6 +321,7 @@ fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
     let env = scenario::ScenarioEnv {
         uapi: kernel.uapi,
         debug: kernel.debug,
+        seed: 0,
     };
     let figures = bench::run(&mut rig, &env, args.iterations)?;
     rig.shutdown()?;

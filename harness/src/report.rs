@@ -86,6 +86,8 @@ pub struct Boot {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub strict: bool,
+    /// The seed of the randomised scenarios (release-races); `--seed` replays it.
+    pub seed: u64,
     pub boots: Vec<Boot>,
     pub results: Vec<ScenarioResult>,
 }
@@ -263,6 +265,7 @@ pub(crate) mod tests {
     pub(crate) fn report() -> RunReport {
         RunReport {
             strict: false,
+            seed: 1,
             boots: Vec::new(),
             results: vec![
                 result("smoke", "v1:tiny", Expect::Pass, true),

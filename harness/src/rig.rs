@@ -248,12 +248,14 @@ impl Rig {
             ],
             run,
         )?;
-        let (roce, target) = start_device(
+        let (roce, mut target) = start_device(
             "roce-target",
             &cfg.roce_target,
             &["--pcap-dir".into(), run.path.display().to_string()],
             run,
         )?;
+        // Stamped like the agent's: the report's timeline draws the target's operations.
+        target.record_to(&run.file("roce-target.transcript"))?;
 
         let args = qemu_args(cfg, run);
         let printable = std::iter::once(cfg.qemu.display().to_string())
@@ -359,10 +361,19 @@ impl Rig {
         id: u64,
         timeout: Duration,
     ) -> Result<std::result::Result<AgentReply, ErrorReply>> {
+        Ok(self.agent_finish_stamped(id, timeout)?.0)
+    }
+
+    /// [`Rig::agent_finish`] with the guest's CLOCK_MONOTONIC when the operation finished.
+    pub fn agent_finish_stamped(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<(std::result::Result<AgentReply, ErrorReply>, Option<u64>)> {
         let console = self.console.clone();
         let qemu = &mut self.qemu;
         self.agent
-            .finish(id, timeout, &mut || {
+            .finish_stamped(id, timeout, &mut || {
                 if let Some(status) = qemu.try_status() {
                     bail!("QEMU exited ({status})");
                 }

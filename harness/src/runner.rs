@@ -19,6 +19,8 @@ pub struct RunPlan {
     pub kernels: Vec<KernelChoice>,
     pub scenarios: Vec<&'static Scenario>,
     pub strict: bool,
+    /// Seeds the randomised scenarios (release-races).
+    pub seed: u64,
     /// Everything but the kernel; filled in per flavor.
     pub rig: RigConfig,
 }
@@ -26,6 +28,7 @@ pub struct RunPlan {
 pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
     let mut report = RunReport {
         strict: plan.strict,
+        seed: plan.seed,
         boots: Vec::new(),
         results: Vec::new(),
     };
@@ -41,6 +44,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
         let env = ScenarioEnv {
             uapi: kernel.uapi,
             debug: kernel.debug,
+            seed: plan.seed,
         };
         let flavor_dir = top.subdir(&spec.dir_name())?;
         let mut rig: Option<(Rig, RunDir)> = None;

@@ -25,6 +25,8 @@ pub struct ScenarioEnv {
     /// The kernel is a debug build (KASAN, kmemleak, lockdep): the debug variant of a flavor
     /// or of a user's tree, or a user's image with KASAN and kmemleak in its config.
     pub debug: bool,
+    /// Seeds the scenarios with random timing (release-races).
+    pub seed: u64,
 }
 
 pub type RunFn = fn(&mut Rig, &ScenarioEnv, &mut Suite) -> Result<()>;
@@ -173,6 +175,16 @@ pub const SCENARIOS: &[Scenario] = &[
         needs_debug: false,
         expect: crate::p2p::expect_revoke_close,
         run: crate::p2p::run_revoke_on_close,
+    },
+    Scenario {
+        name: "release-races",
+        summary: "an MR's deregistration (the importer's detach and release) raced against the \
+                  device fd closing, a VFIO_DEVICE_RESET and decode coming back on (re-map), \
+                  24 iterations with seeded random delays: every call succeeds, no BAR access, \
+                  no kernel report, and a new MR works afterwards",
+        needs_debug: false,
+        expect: crate::races::expect,
+        run: crate::races::run,
     },
     Scenario {
         name: "map-leak",

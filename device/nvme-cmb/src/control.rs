@@ -124,17 +124,17 @@ pub fn handle(op: DeviceOp, device: &Arc<Device>) -> Result<DeviceReply, ErrorRe
 /// Turns one request line into its reply.
 pub fn handle_line(line: &[u8], device: &Arc<Device>) -> Reply<DeviceReply> {
     match decode_line::<Request<DeviceOp>>(line) {
-        Ok(request) => Reply {
-            id: request.id,
-            outcome: match handle(request.op, device) {
+        Ok(request) => Reply::new(
+            request.id,
+            match handle(request.op, device) {
                 Ok(reply) => Outcome::Ok(reply),
                 Err(e) => Outcome::Err(e),
             },
-        },
-        Err(e) => Reply {
-            id: salvage_id(line),
-            outcome: Outcome::Err(invalid(format!("bad request: {e}"))),
-        },
+        ),
+        Err(e) => Reply::new(
+            salvage_id(line),
+            Outcome::Err(invalid(format!("bad request: {e}"))),
+        ),
     }
 }
 
@@ -163,10 +163,10 @@ pub fn serve_connection(stream: UnixStream, device: &Arc<Device>) {
                     Ok(_) => {}
                 }
             }
-            Reply {
-                id: 0,
-                outcome: Outcome::Err(invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))),
-            }
+            Reply::new(
+                0,
+                Outcome::Err(invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))),
+            )
         } else if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         } else {

@@ -279,17 +279,17 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
 /// Turns one request line into its reply.
 pub fn handle_line(line: &[u8], context: &ControlContext) -> Reply<TargetReply> {
     match decode_line::<Request<TargetOp>>(line) {
-        Ok(request) => Reply {
-            id: request.id,
-            outcome: match handle(request.op, context) {
+        Ok(request) => Reply::new(
+            request.id,
+            match handle(request.op, context) {
                 Ok(reply) => Outcome::Ok(reply),
                 Err(e) => Outcome::Err(e),
             },
-        },
-        Err(e) => Reply {
-            id: salvage_id(line),
-            outcome: Outcome::Err(invalid(format!("bad request: {e}"))),
-        },
+        ),
+        Err(e) => Reply::new(
+            salvage_id(line),
+            Outcome::Err(invalid(format!("bad request: {e}"))),
+        ),
     }
 }
 
@@ -318,10 +318,10 @@ pub fn serve_connection(stream: UnixStream, context: &ControlContext) {
                     Ok(_) => {}
                 }
             }
-            Reply {
-                id: 0,
-                outcome: Outcome::Err(invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))),
-            }
+            Reply::new(
+                0,
+                Outcome::Err(invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))),
+            )
         } else if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         } else {

@@ -27,14 +27,23 @@ pub enum SessionEnd {
     ReadError(std::io::Error),
 }
 
+/// CLOCK_MONOTONIC now, in ns: stamped on every reply so the harness can order operations
+/// that ran in the guest (a completion against the end of a reset ioctl).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Pause after EAGAIN on a non-blocking stream before reading again.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 fn error_reply(id: u64, errno: i32, message: String) -> Reply<AgentReply> {
-    Reply {
-        id,
-        outcome: Outcome::Err(ErrorReply::new(errno, message)),
-    }
+    Reply::new(id, Outcome::Err(ErrorReply::new(errno, message)))
 }
 
 /// Answers one complete line (without its newline). Returns the reply and what to do after.
@@ -75,7 +84,12 @@ pub fn answer_line<P: Platform>(agent: &Agent<P>, line: &[u8]) -> (Reply<AgentRe
         Outcome::Ok(_) if !is_chatty(&op) => agent_log!("request {id} done: {}", describe(&op)),
         Outcome::Ok(_) => {}
     }
-    (Reply { id, outcome }, after)
+    let reply = Reply {
+        id,
+        done_ns: Some(monotonic_ns()),
+        outcome,
+    };
+    (reply, after)
 }
 
 fn send<W: Write>(writer: &Mutex<W>, reply: &Reply<AgentReply>) {
@@ -288,14 +302,16 @@ mod tests {
             Outcome::Ok(AgentReply::Hello { .. })
         ));
         let reply = session.call(42, AgentOp::FindPci { class: 0x010802 });
+        assert_eq!(reply.id, 42);
         assert_eq!(
-            reply,
-            Reply {
-                id: 42,
-                outcome: Outcome::Ok(AgentReply::Pci {
-                    functions: vec!["0000:02:00.0".into()]
-                })
-            }
+            reply.outcome,
+            Outcome::Ok(AgentReply::Pci {
+                functions: vec!["0000:02:00.0".into()]
+            })
+        );
+        assert!(
+            reply.done_ns.is_some_and(|ns| ns > 0),
+            "the agent stamps when the operation finished"
         );
         assert!(matches!(session.finish(), SessionEnd::Eof));
     }

@@ -17,8 +17,23 @@ pub struct Request<Op> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply<T> {
     pub id: u64,
+    /// CLOCK_MONOTONIC of the answering side when the operation had finished, where that
+    /// clock means something to the caller (the guest agent's: it orders a guest operation
+    /// against another, e.g. a completion against the end of a reset ioctl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_ns: Option<u64>,
     #[serde(flatten)]
     pub outcome: Outcome<T>,
+}
+
+impl<T> Reply<T> {
+    pub fn new(id: u64, outcome: Outcome<T>) -> Self {
+        Self {
+            id,
+            done_ns: None,
+            outcome,
+        }
+    }
 }
 
 /// Success with a value, or an error with the errno that caused it (0 when none applies).
@@ -120,10 +135,7 @@ mod tests {
 
     #[test]
     fn error_reply_carries_errno() {
-        let reply: Reply<u32> = Reply {
-            id: 3,
-            outcome: Outcome::Err(ErrorReply::new(22, "bad")),
-        };
+        let reply: Reply<u32> = Reply::new(3, Outcome::Err(ErrorReply::new(22, "bad")));
         let line = encode_line(&reply);
         let back: Reply<u32> = decode_line(&line).expect("decodes");
         assert_eq!(back, reply);
