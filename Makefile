@@ -2,13 +2,22 @@
 # ci/install-deps.sh (the `deps` target) and built into $(P2PRIG_CACHE).
 
 CARGO    ?= cargo
-KERNELS  ?= v1 v1-fixed
-# The scenarios `make test` and `make vm-test` run (a name, a glob or a comma-separated list).
+# The kernel flavors `make vm-test` (and so `make test`) boots: each tiny variant runs every
+# scenario, its debug variant the debug-only ones (map-leak). FLAVORS=upstream picks others.
+FLAVORS  ?= v1 v1-fixed
+# A Linux source tree to run the suite on instead of FLAVORS (your patches; expected to pass).
+KERNEL_SRC ?=
+# `make vm-test-full`: every scenario on the tiny and the debug variant of each of these.
+FULL_FLAVORS ?= v1 v1-fixed upstream upstream-fixed
+# The scenarios the vm-test targets run (a name, a glob or a comma-separated list).
 SCENARIOS ?= *
+# Extra `p2prig run` options, e.g. RUN_ARGS='--seed 0x5eed --repeat 5'.
+RUN_ARGS ?=
 P2PRIG   := target/release/p2prig
 RESULTS  := target/p2prig
+VM_KERNELS = $(if $(KERNEL_SRC),--kernel-src $(KERNEL_SRC),$(addprefix --kernel ,$(FLAVORS)))
 
-.PHONY: all deps build artifacts vm-test test fmt-check clippy unit report-render-test vm-sigint-test clean-runs
+.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit report-render-test vm-sigint-test clean-runs
 
 all: build
 
@@ -21,15 +30,22 @@ build: deps
 	$(P2PRIG) build rdma-core
 	$(CARGO) build --release --workspace --locked
 
-# QEMU, the guest kernel(s) and the initramfs, cached by input hash.
+# QEMU, the first flavor's tiny kernel and the initramfs, cached by input hash (what the
+# SIGINT test boots); `p2prig run` builds any other kernel it needs, with progress.
 artifacts: build
-	$(P2PRIG) build all $(addprefix --kernel ,$(KERNELS))
+	$(P2PRIG) build all --kernel $(firstword $(FLAVORS))
 
-# The main job: boot the rig on each of $(KERNELS) and run every scenario, each judged
-# against its expected outcome on that kernel.
+# The main job: boot the rig on each flavor (or KERNEL_SRC) and run every scenario, each judged
+# against its expected outcome on that kernel; debug-only scenarios run on the debug variants.
 vm-test: artifacts
 	@mkdir -p $(RESULTS)
-	$(P2PRIG) run $(addprefix --kernel ,$(KERNELS)) --scenario '$(SCENARIOS)' --junit $(RESULTS)/junit.xml
+	$(P2PRIG) run $(VM_KERNELS) --debug-variants --scenario '$(SCENARIOS)' --junit $(RESULTS)/junit.xml $(RUN_ARGS)
+
+# The whole matrix: every scenario on both variants of every flavor (7.3 trees included:
+# about an hour of kernel builds from a cold cache on 2 cores; not part of `make test`).
+vm-test-full: build
+	@mkdir -p $(RESULTS)
+	$(P2PRIG) run $(addprefix --kernel ,$(FULL_FLAVORS) $(addsuffix :debug,$(FULL_FLAVORS))) --scenario '$(SCENARIOS)' --junit $(RESULTS)/junit-full.xml $(RUN_ARGS)
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

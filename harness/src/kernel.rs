@@ -204,6 +204,22 @@ impl KernelChoice {
         }
     }
 
+    /// The same kernel's debug variant, if it has one it is not already: a flavor's or a
+    /// source tree's (a user's bzImage is what it is).
+    pub fn debug_variant(&self) -> Option<KernelChoice> {
+        match self {
+            Self::Flavor(spec) if spec.variant == Variant::Tiny => Some(Self::Flavor(FlavorSpec {
+                flavor: spec.flavor.clone(),
+                variant: Variant::Debug,
+            })),
+            Self::Source(tree) if tree.variant == Variant::Tiny => Some(Self::Source(SourceTree {
+                path: tree.path.clone(),
+                variant: Variant::Debug,
+            })),
+            _ => None,
+        }
+    }
+
     /// A short name for run directories.
     pub fn dir_name(&self) -> String {
         match self {

@@ -36,6 +36,7 @@ use clap::{Parser, Subcommand};
 use accel::AccelChoice;
 use cache::Cache;
 use kernel::{BuildTarget, FlavorSpec, KernelChoice};
+use report::RunReport;
 use rig::{RigConfig, RunDir};
 
 #[derive(Debug, Parser)]
@@ -89,9 +90,21 @@ struct RunArgs {
     /// Kernel to boot: a flavor[:variant] (v1, v1-fixed:debug, upstream), src:PATH[:debug]
     /// (your Linux tree, built out of tree with p2prig's config fragments, no patches) or a
     /// path to your own bzImage (its embedded config is checked first); repeat for several,
-    /// each gets its own boot.
-    #[arg(long = "kernel", default_value = "v1")]
+    /// each gets its own boot. Default: v1, unless --kernel-src is given.
+    #[arg(long = "kernel")]
     kernels: Vec<KernelChoice>,
+    /// Your Linux tree: the same as `--kernel src:PATH` (built out of tree in the cache with
+    /// p2prig's config fragments; your patches are what is tested, expected to pass all).
+    #[arg(long = "kernel-src", value_name = "PATH")]
+    kernel_src: Vec<PathBuf>,
+    /// Also boot each kernel's debug variant (KASAN, kmemleak, lockdep) for the selected
+    /// scenarios that need one (map-leak); they are then not listed as skipped on the others.
+    #[arg(long)]
+    debug_variants: bool,
+    /// Run the whole selection this many times in a row and report any scenario whose
+    /// outcome differs between runs (a flake); exit 1 if one does.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     /// Scenarios to run: a name, a glob (`revoke-*`) or a comma-separated list.
     #[arg(long, default_value = "*")]
     scenario: String,
@@ -233,13 +246,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     let scenarios = scenario::select(&args.scenario)?;
+    let kernels = kernels_of(&args)?;
+    let boots = runner::boots(&kernels, &scenarios, args.debug_variants);
+    if boots.is_empty() {
+        anyhow::bail!(
+            "nothing to run: `{}` selects only debug scenarios; add --debug-variants or a \
+             FLAVOR:debug kernel",
+            args.scenario
+        );
+    }
     let qemu = qemu::build(cache)?;
     let image = image::build(cache)?;
-    let first_kernel = kernel::resolve(cache, &args.kernels[0])?;
+    let first_kernel = kernel::resolve(cache, &boots[0].0)?;
     let accel = accel::resolve(args.accel, cache, &qemu.binary, &first_kernel.bzimage)?;
     let plan = runner::RunPlan {
-        kernels: args.kernels.clone(),
-        scenarios,
+        boots,
         strict: args.strict,
         seed: args.seed.unwrap_or_else(fresh_seed),
         rig: RigConfig {
@@ -264,13 +285,62 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         "seed {:#x} (replay the random timing with --seed {:#x})",
         plan.seed, plan.seed
     );
-    let report = runner::run(cache, &plan, &top)?;
-    report.write_junit(&top.file("junit.xml"))?;
-    report.write_json(&top.file("results.json"))?;
-    html::write(&report, &top.file("report.html"))?;
-    if let Some(path) = &args.junit {
-        report.write_junit(path)?;
+    let mut reports = Vec::new();
+    for repetition in 1..=args.repeat {
+        let repetition_dir = if args.repeat == 1 {
+            None
+        } else {
+            println!("repetition {repetition}/{}", args.repeat);
+            Some(top.subdir(&format!("repetition-{repetition}"))?)
+        };
+        let dir = repetition_dir.as_ref().unwrap_or(&top);
+        let report = runner::run(cache, &plan, &dir)?;
+        report.write_junit(&dir.file("junit.xml"))?;
+        report.write_json(&dir.file("results.json"))?;
+        html::write(&report, &dir.file("report.html"))?;
+        if let Some(path) = &args.junit {
+            report.write_junit(path)?;
+        }
+        summarize(&report, &dir);
+        reports.push(report);
     }
+    let flakes = report::flakes(&reports);
+    if args.repeat > 1 {
+        if flakes.is_empty() {
+            println!(
+                "{} repetitions, identical outcomes in every one",
+                args.repeat
+            );
+        } else {
+            println!("outcomes differ between repetitions (flakes):");
+            for flake in &flakes {
+                println!("  {flake}");
+            }
+        }
+    }
+    Ok(
+        if flakes.is_empty() && reports.iter().all(RunReport::all_match) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+/// The kernels a run boots: every --kernel, then every --kernel-src; v1 when none is given.
+fn kernels_of(args: &RunArgs) -> Result<Vec<KernelChoice>> {
+    let mut kernels = args.kernels.clone();
+    for path in &args.kernel_src {
+        kernels.push(format!("src:{}", path.display()).parse()?);
+    }
+    if kernels.is_empty() {
+        kernels.push("v1".parse()?);
+    }
+    Ok(kernels)
+}
+
+/// The end of one run on the terminal: boots, the table, per-kernel suite time, the verdict.
+fn summarize(report: &RunReport, dir: &RunDir) {
     for boot in &report.boots {
         println!(
             "boot {} under {}: {} after {:.1} s",
@@ -281,17 +351,15 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         );
     }
     println!("\n{}", report.table());
+    for (kernel, took) in report.suite_times() {
+        println!("suite time on {kernel}: {:.1} s", took.as_secs_f64());
+    }
     let mismatches = report.results.iter().filter(|r| !r.verdict.is_ok()).count();
     println!(
         "{} results, {mismatches} not as expected; report {}",
         report.results.len(),
-        top.file("report.html").display()
+        dir.file("report.html").display()
     );
-    Ok(if report.all_match() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
@@ -352,11 +420,38 @@ mod tests {
         let Cmd::Run(args) = cli.command else {
             bail!("not run")
         };
-        assert_eq!(args.kernels.len(), 1);
-        assert_eq!(args.kernels[0].to_string(), "v1:tiny");
+        let kernels = kernels_of(&args)?;
+        assert_eq!(kernels.len(), 1);
+        assert_eq!(kernels[0].to_string(), "v1:tiny");
         assert_eq!(args.scenario, "*");
         assert_eq!(args.accel, AccelChoice::Auto);
+        assert_eq!((args.repeat, args.debug_variants), (1, false));
         Ok(())
+    }
+
+    #[test]
+    fn kernel_src_is_a_source_tree_and_replaces_the_default() -> Result<()> {
+        let tree = tempfile::tempdir()?;
+        std::fs::write(tree.path().join("Makefile"), "")?;
+        std::fs::write(tree.path().join("Kconfig"), "")?;
+        let path = tree.path().to_str().context("utf-8 temp path")?;
+        let cli = Cli::try_parse_from(["p2prig", "run", "--kernel-src", path])?;
+        let Cmd::Run(args) = cli.command else {
+            bail!("not run")
+        };
+        let kernels = kernels_of(&args)?;
+        assert_eq!(kernels.len(), 1);
+        let expected = tree.path().canonicalize()?;
+        assert!(matches!(&kernels[0], KernelChoice::Source(t) if t.path == expected));
+        Ok(())
+    }
+
+    #[test]
+    fn seeds_parse_in_decimal_and_hex_and_bad_ones_say_why() {
+        assert_eq!(parse_seed("42"), Ok(42));
+        assert_eq!(parse_seed("0x5eed"), Ok(0x5eed));
+        assert!(parse_seed("0xzz").is_err_and(|e| e.contains("0x-hex")));
+        assert!(Cli::try_parse_from(["p2prig", "run", "--repeat", "0"]).is_err());
     }
 
     #[test]

@@ -92,6 +92,34 @@ pub struct RunReport {
     pub results: Vec<ScenarioResult>,
 }
 
+/// Scenario x kernel pairs whose verdict differs between repeated runs of the same selection,
+/// each with its verdicts in run order.
+pub fn flakes(reports: &[RunReport]) -> Vec<String> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    first
+        .results
+        .iter()
+        .filter_map(|r| {
+            let verdicts: Vec<&str> = reports
+                .iter()
+                .map(|report| {
+                    report
+                        .results
+                        .iter()
+                        .find(|o| o.scenario == r.scenario && o.flavor == r.flavor)
+                        .map_or("missing", |o| o.verdict.label())
+                })
+                .collect();
+            verdicts
+                .iter()
+                .any(|v| *v != verdicts[0])
+                .then(|| format!("{} on {}: {}", r.scenario, r.flavor, verdicts.join(", ")))
+        })
+        .collect()
+}
+
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
@@ -99,6 +127,23 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, 
 impl RunReport {
     pub fn all_match(&self) -> bool {
         self.results.iter().all(|r| r.verdict.is_ok())
+    }
+
+    /// Per kernel, in run order: its boots to a ready agent plus its scenarios.
+    pub fn suite_times(&self) -> Vec<(String, Duration)> {
+        let mut times: Vec<(String, Duration)> = Vec::new();
+        let spans = self
+            .boots
+            .iter()
+            .map(|b| (&b.flavor, b.to_agent_ready))
+            .chain(self.results.iter().map(|r| (&r.flavor, r.duration)));
+        for (kernel, took) in spans {
+            match times.iter_mut().find(|(k, _)| k == kernel) {
+                Some((_, total)) => *total += took,
+                None => times.push((kernel.clone(), took)),
+            }
+        }
+        times
     }
 
     /// Rows are scenarios, columns flavors.
@@ -283,6 +328,37 @@ pub(crate) mod tests {
         assert!(xml.contains("name=\"v1-fixed:tiny\" tests=\"1\" failures=\"1\""));
         assert!(xml.contains("reproduced: B1"));
         assert!(xml.contains("doorbell &lt;x&gt; &amp; &quot;y&quot;"));
+    }
+
+    #[test]
+    fn flakes_name_pairs_whose_verdict_changed() {
+        let steady = report();
+        assert!(flakes(&[steady.clone(), report(), report()]).is_empty());
+        let mut changed = report();
+        changed.results[1] = result("revoke-on-flr", "v1:tiny", Expect::Fail("B1"), true);
+        assert_eq!(
+            flakes(&[steady, changed]),
+            ["revoke-on-flr on v1:tiny: expected-fail, MISMATCH"]
+        );
+    }
+
+    #[test]
+    fn suite_time_adds_boots_and_scenarios_per_kernel() {
+        let mut r = report();
+        r.boots.push(Boot {
+            flavor: "v1:tiny".into(),
+            accel: "tcg".into(),
+            ok: true,
+            to_agent_ready: Duration::from_secs(3),
+            run_dir: PathBuf::from("/r"),
+        });
+        assert_eq!(
+            r.suite_times(),
+            [
+                ("v1:tiny".to_string(), Duration::from_millis(6000)),
+                ("v1-fixed:tiny".to_string(), Duration::from_millis(1500)),
+            ]
+        );
     }
 
     #[test]

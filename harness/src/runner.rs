@@ -16,13 +16,48 @@ use crate::scenario::{self, Scenario, ScenarioEnv, Verdict};
 
 #[derive(Debug)]
 pub struct RunPlan {
-    pub kernels: Vec<KernelChoice>,
-    pub scenarios: Vec<&'static Scenario>,
+    /// Each kernel with the scenarios to run on it, booted in this order.
+    pub boots: Vec<(KernelChoice, Vec<&'static Scenario>)>,
     pub strict: bool,
     /// Seeds the randomised scenarios (release-races).
     pub seed: u64,
     /// Everything but the kernel; filled in per flavor.
     pub rig: RigConfig,
+}
+
+/// The boots of a run: every kernel with the selected scenarios, and with `debug_variants`
+/// each kernel's debug variant too, for the selected scenarios that need one (a tiny kernel
+/// then does not list them as skipped).
+pub fn boots(
+    kernels: &[KernelChoice],
+    scenarios: &[&'static Scenario],
+    debug_variants: bool,
+) -> Vec<(KernelChoice, Vec<&'static Scenario>)> {
+    let mut boots = Vec::new();
+    for kernel in kernels {
+        let debug = debug_variants.then(|| kernel.debug_variant()).flatten();
+        let on_kernel: Vec<_> = scenarios
+            .iter()
+            .copied()
+            .filter(|s| debug.is_none() || !s.needs_debug)
+            .collect();
+        if !on_kernel.is_empty() {
+            boots.push((kernel.clone(), on_kernel));
+        }
+    }
+    if debug_variants {
+        let needing: Vec<_> = scenarios
+            .iter()
+            .copied()
+            .filter(|s| s.needs_debug)
+            .collect();
+        for debug in kernels.iter().filter_map(KernelChoice::debug_variant) {
+            if !needing.is_empty() && !kernels.contains(&debug) {
+                boots.push((debug, needing.clone()));
+            }
+        }
+    }
+    boots
 }
 
 pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
@@ -32,10 +67,10 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
         boots: Vec::new(),
         results: Vec::new(),
     };
-    let total = plan.kernels.len() * plan.scenarios.len();
+    let total: usize = plan.boots.iter().map(|(_, s)| s.len()).sum();
     let started = Instant::now();
     let mut index = 0;
-    for spec in &plan.kernels {
+    for (spec, scenarios) in &plan.boots {
         let kernel = kernel::resolve(cache, spec)?;
         let cfg = RigConfig {
             bzimage: kernel.bzimage.clone(),
@@ -50,7 +85,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
         let mut rig: Option<(Rig, RunDir)> = None;
         let mut boots = 0;
         let mut boot_failure: Option<String> = None;
-        for scenario in &plan.scenarios {
+        for scenario in scenarios {
             index += 1;
             println!(
                 "[{index}/{total}] {spec} {} (elapsed {:.0} s)",
@@ -204,4 +239,50 @@ fn console_since(rig: &Rig, mark: u64) -> String {
     let bytes = std::fs::read(rig.console_path()).unwrap_or_default();
     let start = usize::try_from(mark).unwrap_or(usize::MAX).min(bytes.len());
     String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(boots: &[(KernelChoice, Vec<&'static Scenario>)]) -> Vec<String> {
+        boots
+            .iter()
+            .map(|(k, s)| {
+                let s: Vec<&str> = s.iter().map(|s| s.name).collect();
+                format!("{k}: {}", s.join(","))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn debug_variants_take_the_debug_scenarios_off_the_tiny_kernels() -> Result<()> {
+        let kernels: Vec<KernelChoice> = vec!["v1".parse()?, "v1-fixed".parse()?];
+        let scenarios = scenario::select("smoke,map-leak")?;
+        assert_eq!(
+            names(&boots(&kernels, &scenarios, true)),
+            [
+                "v1:tiny: smoke",
+                "v1-fixed:tiny: smoke",
+                "v1:debug: map-leak",
+                "v1-fixed:debug: map-leak"
+            ]
+        );
+        assert_eq!(
+            names(&boots(&kernels, &scenarios, false)),
+            ["v1:tiny: smoke,map-leak", "v1-fixed:tiny: smoke,map-leak"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_debug_kernel_given_explicitly_is_not_booted_twice() -> Result<()> {
+        let kernels: Vec<KernelChoice> = vec!["v1".parse()?, "v1:debug".parse()?];
+        let scenarios = scenario::select("map-leak")?;
+        assert_eq!(
+            names(&boots(&kernels, &scenarios, true)),
+            ["v1:debug: map-leak"]
+        );
+        Ok(())
+    }
 }
