@@ -294,14 +294,14 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
             Some(top.subdir(&format!("repetition-{repetition}"))?)
         };
         let dir = repetition_dir.as_ref().unwrap_or(&top);
-        let report = runner::run(cache, &plan, &dir)?;
+        let report = runner::run(cache, &plan, dir)?;
         report.write_junit(&dir.file("junit.xml"))?;
         report.write_json(&dir.file("results.json"))?;
         html::write(&report, &dir.file("report.html"))?;
         if let Some(path) = &args.junit {
             report.write_junit(path)?;
         }
-        summarize(&report, &dir);
+        summarize(&report, dir);
         reports.push(report);
     }
     let flakes = report::flakes(&reports);
