@@ -2,7 +2,7 @@
 //! connection, one reply line per request line. A bad line gets an error reply; it never
 //! ends the connection, let alone the process.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::wire::{
-    decode_line, encode_line, salvage_id, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
+    decode_line, salvage_id, serve_lines, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
 };
 
 use crate::device::{hex, Device, MAX_TRANSFER};
@@ -140,42 +140,15 @@ pub fn handle_line(line: &[u8], device: &Arc<Device>) -> Reply<DeviceReply> {
 
 /// Serves one connection until the peer closes it.
 pub fn serve_connection(stream: UnixStream, device: &Arc<Device>) {
-    let Ok(mut writer) = stream.try_clone() else {
+    let Ok(writer) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let limit = MAX_LINE_BYTES as u64 + 1;
-        match reader.by_ref().take(limit).read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = if line.len() > MAX_LINE_BYTES {
-            // Skip the rest of the overlong line so the next one parses.
-            let mut rest = Vec::new();
-            loop {
-                rest.clear();
-                match reader.by_ref().take(limit).read_until(b'\n', &mut rest) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) if rest.ends_with(b"\n") => break,
-                    Ok(_) => {}
-                }
-            }
-            Reply::new(
-                0,
-                Outcome::Err(invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))),
-            )
-        } else if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        } else {
-            handle_line(&line, device)
-        };
-        if writer.write_all(&encode_line(&reply)).is_err() {
-            return;
-        }
-    }
+    serve_lines(
+        BufReader::new(stream),
+        writer,
+        || invalid(format!("line longer than {MAX_LINE_BYTES} bytes")),
+        |line| handle_line(line, device),
+    );
 }
 
 /// The listening control socket.

@@ -1,5 +1,7 @@
 //! The JSON-lines envelope shared by every control channel.
 
+use std::io::{BufRead, Read, Write};
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Longest line any side accepts; a longer one is a protocol error, not an allocation.
@@ -110,9 +112,75 @@ pub fn salvage_id(line: &[u8]) -> u64 {
     decode_line::<IdOnly>(line).map(|m| m.id).unwrap_or(0)
 }
 
+/// Serves one JSON-lines connection until the peer closes it or a read or write fails: every
+/// non-blank line goes to `answer` and its reply is written back; an overlong line is
+/// skipped and answered with `too_long` (id 0), so the next line still parses.
+pub fn serve_lines<T: Serialize>(
+    mut reader: impl BufRead,
+    mut writer: impl Write,
+    too_long: impl Fn() -> ErrorReply,
+    mut answer: impl FnMut(&[u8]) -> Reply<T>,
+) {
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > MAX_LINE_BYTES {
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                match reader.by_ref().take(limit).read_until(b'\n', &mut rest) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if rest.ends_with(b"\n") => break,
+                    Ok(_) => {}
+                }
+            }
+            Reply::new(0, Outcome::Err(too_long()))
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        } else {
+            answer(&line)
+        };
+        if writer.write_all(&encode_line(&reply)).is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serve_lines_answers_each_line_and_survives_an_overlong_one() {
+        let mut input = b"{\"id\":1}\n\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        input.extend(b"\n{\"id\":2}\n");
+        let mut output = Vec::new();
+        serve_lines(
+            &input[..],
+            &mut output,
+            || ErrorReply::new(7, "too long"),
+            |line| Reply::new(salvage_id(line), Outcome::Ok(line.len() as u64)),
+        );
+        let replies: Vec<Reply<u64>> = output
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| decode_line(l).expect("a reply"))
+            .collect();
+        assert_eq!(
+            replies,
+            [
+                Reply::new(1, Outcome::Ok(9)),
+                Reply::new(0, Outcome::Err(ErrorReply::new(7, "too long"))),
+                Reply::new(2, Outcome::Ok(9)),
+            ]
+        );
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     #[serde(tag = "op", rename_all = "snake_case")]
