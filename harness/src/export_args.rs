@@ -11,7 +11,7 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 
 use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::{Expect, ScenarioEnv};
+use crate::scenario::{Expect, ScenarioEnv, Target};
 use p2prig_protocol::agent::DmabufUapi;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,8 +23,8 @@ const ENODEV: i32 = libc::ENODEV;
 const ROM_INDEX: u32 = 6;
 const CONFIG_INDEX: u32 = 7;
 
-pub fn expect(flavor: &str) -> Expect {
-    match flavor {
+pub fn expect(target: Target) -> Expect {
+    match target.flavor {
         "v1" | "v1-fixed" => Expect::Fail(
             "B4: the seed's uAPI treats length 0 with a non-zero offset as a zero-size slice and \
              exports an empty dma-buf (not among v1-fixes: upstream's range uAPI rejects it)",
@@ -268,9 +268,13 @@ mod tests {
 
     #[test]
     fn seed_flavors_are_expected_to_show_b4_and_upstream_to_pass() {
-        assert!(matches!(expect("v1"), Expect::Fail(why) if why.starts_with("B4")));
-        assert!(matches!(expect("v1-fixed"), Expect::Fail(_)));
-        assert_eq!(expect("upstream"), Expect::Pass);
+        let on = |flavor| Target {
+            flavor,
+            debug: false,
+        };
+        assert!(matches!(expect(on("v1")), Expect::Fail(why) if why.starts_with("B4")));
+        assert!(matches!(expect(on("v1-fixed")), Expect::Fail(_)));
+        assert_eq!(expect(on("upstream")), Expect::Pass);
     }
 
     #[test]

@@ -225,8 +225,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             for s in scenario::SCENARIOS {
                 println!("  {:<24} {}", s.name, s.summary);
                 for flavor in kernel::flavor_names()? {
-                    if let scenario::Expect::Fail(why) = (s.expect)(&flavor) {
+                    let on = |debug| {
+                        (s.expect)(scenario::Target {
+                            flavor: &flavor,
+                            debug,
+                        })
+                    };
+                    let (tiny, debug) = (on(false), on(true));
+                    if let scenario::Expect::Fail(why) = tiny {
                         println!("  {:<24}   expected to fail on {flavor}: {why}", "");
+                    }
+                    if let (scenario::Expect::Fail(why), true) = (debug, debug != tiny) {
+                        println!("  {:<24}   expected to fail on {flavor}:debug: {why}", "");
                     }
                 }
             }

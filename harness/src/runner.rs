@@ -12,7 +12,7 @@ use crate::kernel::{self, KernelChoice};
 use crate::process;
 use crate::report::{Boot, RunReport, ScenarioResult, Suite};
 use crate::rig::{Rig, RigConfig, RunDir};
-use crate::scenario::{self, Scenario, ScenarioEnv, Verdict};
+use crate::scenario::{self, Scenario, ScenarioEnv, Target, Verdict};
 
 #[derive(Debug)]
 pub struct RunPlan {
@@ -92,7 +92,10 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 scenario.name,
                 started.elapsed().as_secs_f64()
             );
-            let expect = (scenario.expect)(spec.expectation_key());
+            let expect = (scenario.expect)(Target {
+                flavor: spec.expectation_key(),
+                debug: env.debug,
+            });
             let scenario_started = Instant::now();
             let mut result = ScenarioResult {
                 scenario: scenario.name.to_string(),

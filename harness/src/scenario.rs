@@ -18,6 +18,15 @@ pub enum Expect {
     Fail(&'static str),
 }
 
+/// The kernel an expectation is about: its flavor ("byo" for a user's kernel, expected to
+/// keep every guarantee) and whether it is a debug build (some defects only show in KASAN,
+/// lockdep or kmemleak reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub flavor: &'a str,
+    pub debug: bool,
+}
+
 /// Everything a scenario knows about the kernel it runs on.
 #[derive(Debug, Clone)]
 pub struct ScenarioEnv {
@@ -37,12 +46,12 @@ pub struct Scenario {
     pub summary: &'static str,
     /// Runs only on debug kernels (KASAN, kmemleak, lockdep); skipped elsewhere.
     pub needs_debug: bool,
-    /// Expected outcome per flavor name.
-    pub expect: fn(&str) -> Expect,
+    /// Expected outcome per kernel.
+    pub expect: fn(Target) -> Expect,
     pub run: RunFn,
 }
 
-fn always_pass(_: &str) -> Expect {
+fn always_pass(_: Target) -> Expect {
     Expect::Pass
 }
 
@@ -150,7 +159,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
                   downstream port)",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_reset,
+        expect: crate::p2p::expect_revoke_hot_reset,
         run: crate::p2p::run_revoke_on_hot_reset,
     },
     Scenario {
@@ -268,6 +277,19 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_defect_that_only_debug_checkers_see_is_expected_on_the_debug_variant_only() {
+        let hot_reset = SCENARIOS
+            .iter()
+            .find(|s| s.name == "revoke-on-hot-reset")
+            .expect("registered");
+        let on = |flavor, debug| (hot_reset.expect)(Target { flavor, debug });
+        assert!(matches!(on("upstream", true), Expect::Fail(why) if why.starts_with("U2")));
+        assert_eq!(on("upstream", false), Expect::Pass);
+        assert_eq!(on("upstream-fixed", true), Expect::Pass);
+        assert!(matches!(on("v1", false), Expect::Fail(why) if why.starts_with("B1")));
+    }
 
     #[test]
     fn globs_match_whole_names() {
