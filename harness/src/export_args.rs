@@ -11,7 +11,7 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 
 use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::{Expect, ScenarioEnv, Target};
+use crate::scenario::{Defect, Expect, ScenarioEnv, Target};
 use p2prig_protocol::agent::DmabufUapi;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,10 +25,11 @@ const CONFIG_INDEX: u32 = 7;
 
 pub fn expect(target: Target) -> Expect {
     match target.flavor {
-        "v1" | "v1-fixed" => Expect::Fail(
-            "B4: the seed's uAPI treats length 0 with a non-zero offset as a zero-size slice and \
+        "v1" | "v1-fixed" => Expect::Fail(Defect {
+            reason: "B4: the seed's uAPI treats length 0 with a non-zero offset as a zero-size slice and \
              exports an empty dma-buf (not among v1-fixes: upstream's range uAPI rejects it)",
-        ),
+            shows_as: &["zero-length-at-offset"],
+        }),
         _ => Expect::Pass,
     }
 }
@@ -272,7 +273,7 @@ mod tests {
             flavor,
             debug: false,
         };
-        assert!(matches!(expect(on("v1")), Expect::Fail(why) if why.starts_with("B4")));
+        assert!(matches!(expect(on("v1")), Expect::Fail(d) if d.reason.starts_with("B4")));
         assert!(matches!(expect(on("v1-fixed")), Expect::Fail(_)));
         assert_eq!(expect(on("upstream")), Expect::Pass);
     }

@@ -158,7 +158,7 @@ fn section(r: &ScenarioResult) -> String {
     match r.expect {
         Expect::Pass => out.push_str("<p>Expected to pass.</p>\n"),
         Expect::Fail(why) => {
-            let _ = writeln!(out, "<p>Expected to fail: {}</p>", esc(why));
+            let _ = writeln!(out, "<p>Expected to fail: {}</p>", esc(why.reason));
         }
     }
     out.push_str("<table><tr><th>check</th><th>result</th><th>detail</th></tr>\n");

@@ -20,7 +20,7 @@ use p2prig_protocol::target::{
 use crate::export_args::open_nvme;
 use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::{Expect, ScenarioEnv, Target};
+use crate::scenario::{Defect, Expect, ScenarioEnv, Target};
 
 pub(crate) const RPC: Duration = Duration::from_secs(30);
 pub(crate) const PAGE: u64 = 0x1000;
@@ -690,10 +690,11 @@ pub(crate) fn export(
 
 pub fn expect_stray_command(target: Target) -> Expect {
     match target.flavor {
-        "v1" => Expect::Fail(
-            "B1: any PCI_COMMAND write with the memory bit set runs the seed's move(false), which \
+        "v1" => Expect::Fail(Defect {
+            reason: "B1: any PCI_COMMAND write with the memory bit set runs the seed's move(false), which \
              with the inverted flag revokes the live importer: its next write is refused",
-        ),
+            shows_as: &["importer-undisturbed"],
+        }),
         _ => Expect::Pass,
     }
 }
@@ -761,10 +762,16 @@ const CMB_SLICE_LENGTH: u64 = 0x2000;
 
 pub fn expect_cmb(target: Target) -> Expect {
     match target.flavor {
-        "v1" => Expect::Fail(
-            "B2: the seed never sets priv->index, so a slice of BAR2 (the CMB) is mapped from \
+        "v1" => Expect::Fail(Defect {
+            reason:
+                "B2: the seed never sets priv->index, so a slice of BAR2 (the CMB) is mapped from \
              BAR0 (the registers and doorbells): the importer's accesses land in the wrong BAR",
-        ),
+            shows_as: &[
+                "write-lands-at-bar2-slice-offset",
+                "rdma-read-returns-the-cmb-pattern",
+                "rdma-write-shows-in-the-cmb",
+            ],
+        }),
         _ => Expect::Pass,
     }
 }
@@ -1126,15 +1133,19 @@ const MAP_CYCLES: u32 = 32;
 
 pub fn expect_map_leak(target: Target) -> Expect {
     match target.flavor {
-        "v1" => Expect::Fail(
-            "B3: the seed's map sets sgt->orig_nents = 0, so unmap's sg_free_table() frees \
+        "v1" => Expect::Fail(Defect {
+            reason:
+                "B3: the seed's map sets sgt->orig_nents = 0, so unmap's sg_free_table() frees \
              nothing and every map/unmap cycle leaks the scatterlist (kmemleak reports it)",
-        ),
-        "upstream" => Expect::Fail(
-            "U1 (found by p2prig): 7.3's dma_buf_phys_vec_to_sgt() sets orig_nents = 0 and \
+            shows_as: &["kmemleak-finds-nothing"],
+        }),
+        "upstream" => Expect::Fail(Defect {
+            reason:
+                "U1 (found by p2prig): 7.3's dma_buf_phys_vec_to_sgt() sets orig_nents = 0 and \
              dma_buf_free_sgt() frees by it, so B3 survives in the shared helper: every map/unmap \
              of a vfio-pci dma-buf leaks its scatterlist (fixed in flavor upstream-fixed)",
-        ),
+            shows_as: &["kmemleak-finds-nothing"],
+        }),
         _ => Expect::Pass,
     }
 }
@@ -1508,9 +1519,17 @@ impl Window {
     }
 }
 
-const B1_RESET: &str = "B1: the seed's revoke flag is inverted, so a reset revokes nothing: the \
+const B1_RESET: Defect = Defect {
+    reason: "B1: the seed's revoke flag is inverted, so a reset revokes nothing: the \
     importer's write inside the reset completes as if it landed (QEMU drops it, decode being \
-    off during the reset), and after the reset the re-map fails (-ENODEV) and the MR stays dead";
+    off during the reset), and after the reset the re-map fails (-ENODEV) and the MR stays dead",
+    shows_as: &[
+        "write-in-window-gets-remote-access-error",
+        "target-write-in-window-is-nak-0x62",
+        "importer-maps-again-after-restore",
+        "target-write-lands-after-restore",
+    ],
+};
 
 pub fn expect_revoke_reset(target: Target) -> Expect {
     match target.flavor {
@@ -1522,45 +1541,53 @@ pub fn expect_revoke_reset(target: Target) -> Expect {
 pub fn expect_revoke_hot_reset(target: Target) -> Expect {
     match (target.flavor, target.debug) {
         ("v1", _) => Expect::Fail(B1_RESET),
-        ("upstream", true) => Expect::Fail(
-            "U2 (found by p2prig): 7.3's rxe_receiver() frees the queued packets of a QP in \
+        ("upstream", true) => Expect::Fail(Defect {
+            reason:
+                "U2 (found by p2prig): 7.3's rxe_receiver() frees the queued packets of a QP in \
              error under qp->state_lock with interrupts off; the guest is frozen during the bus \
              reset, the target retransmits into the QP its NAK errored, and freeing those \
              virtio-net page-pool skbs warns (page_pool, softirq) and lockdep reports an \
              inconsistent lock state (fixed in upstream-fixed)",
-        ),
+            shows_as: &["guest-console-clean"],
+        }),
         _ => Expect::Pass,
     }
 }
 
 pub fn expect_revoke_decode(target: Target) -> Expect {
     match target.flavor {
-        "v1" => Expect::Fail(
-            "B1: with the inverted flag, clearing memory decode revokes nothing (the importer's \
+        "v1" => Expect::Fail(Defect {
+            reason: "B1: with the inverted flag, clearing memory decode revokes nothing (the importer's \
              write to the non-decoding function completes successfully) and setting decode \
              again kills the importer",
-        ),
+            shows_as: &["write-in-window-gets-remote-access-error", "target-write-in-window-is-nak-0x62"],
+        }),
         _ => Expect::Pass,
     }
 }
 
 pub fn expect_revoke_d3(target: Target) -> Expect {
     match target.flavor {
-        "v1" => Expect::Fail(
-            "the seed does not revoke on D3 entry: the importer's write to a function in \
+        "v1" => Expect::Fail(Defect {
+            reason: "the seed does not revoke on D3 entry: the importer's write to a function in \
              D3hot completes successfully",
-        ),
+            shows_as: &[
+                "write-in-window-gets-remote-access-error",
+                "target-write-in-window-is-nak-0x62",
+            ],
+        }),
         _ => Expect::Pass,
     }
 }
 
 pub fn expect_revoke_close(target: Target) -> Expect {
     match target.flavor {
-        "v1" => Expect::Fail(
-            "B1, close ordering: vfio_pci_core_disable() runs before the dma-buf cleanup, which \
+        "v1" => Expect::Fail(Defect {
+            reason: "B1, close ordering: vfio_pci_core_disable() runs before the dma-buf cleanup, which \
              then marks the buffer usable and notifies; the importer's re-map dereferences the \
              cleared priv->vdev (NULL-pointer oops)",
-        ),
+            shows_as: &["guest-console-clean"],
+        }),
         _ => Expect::Pass,
     }
 }

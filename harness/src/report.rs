@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+#[cfg(test)]
+use crate::scenario::Defect;
 use crate::scenario::{Expect, Verdict};
 
 #[derive(Debug, Clone, Serialize)]
@@ -226,7 +228,13 @@ impl RunReport {
                     (Verdict::Mismatch, expect) => {
                         let wanted = match expect {
                             Expect::Pass => "expected to pass".to_string(),
-                            Expect::Fail(why) => format!("expected to fail ({why}) but passed"),
+                            Expect::Fail(why) if r.passed => {
+                                format!("expected to fail ({why}) but passed")
+                            }
+                            Expect::Fail(why) => format!(
+                                "expected to fail ({why}) in {}, but failed elsewhere",
+                                why.shows_as.join(" or ")
+                            ),
                         };
                         let _ = write!(
                             xml,
@@ -239,7 +247,7 @@ impl RunReport {
                         let _ = write!(
                             xml,
                             "\n      <system-out>reproduced: {}</system-out>\n    ",
-                            escape(why)
+                            escape(why.reason)
                         );
                     }
                     (Verdict::Skipped, _) => {
@@ -282,6 +290,11 @@ fn escape(text: &str) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    const B1: Defect = Defect {
+        reason: "B1",
+        shows_as: &["shown"],
+    };
+
     pub(crate) fn result(
         scenario: &str,
         flavor: &str,
@@ -293,7 +306,7 @@ pub(crate) mod tests {
             flavor: flavor.into(),
             expect,
             passed,
-            verdict: Verdict::judge(expect, passed, false),
+            verdict: Verdict::judge(expect, if passed { &[] } else { &["shown"] }, false),
             note: if passed {
                 String::new()
             } else {
@@ -314,7 +327,7 @@ pub(crate) mod tests {
             boots: Vec::new(),
             results: vec![
                 result("smoke", "v1:tiny", Expect::Pass, true),
-                result("revoke-on-flr", "v1:tiny", Expect::Fail("B1"), false),
+                result("revoke-on-flr", "v1:tiny", Expect::Fail(B1), false),
                 result("smoke", "v1-fixed:tiny", Expect::Pass, false),
             ],
         }
@@ -335,7 +348,7 @@ pub(crate) mod tests {
         let steady = report();
         assert!(flakes(&[steady.clone(), report(), report()]).is_empty());
         let mut changed = report();
-        changed.results[1] = result("revoke-on-flr", "v1:tiny", Expect::Fail("B1"), true);
+        changed.results[1] = result("revoke-on-flr", "v1:tiny", Expect::Fail(B1), true);
         assert_eq!(
             flakes(&[steady, changed]),
             ["revoke-on-flr on v1:tiny: expected-fail, MISMATCH"]
@@ -378,7 +391,9 @@ pub(crate) mod tests {
     #[test]
     fn json_carries_expectation_and_verdict() -> Result<()> {
         let text = serde_json::to_string(&report())?;
-        assert!(text.contains("\"expect\":\"fail\",\"reason\":\"B1\""));
+        assert!(text.contains(
+            "\"expect\":\"fail\",\"defect\":{\"reason\":\"B1\",\"shows_as\":[\"shown\"]}"
+        ));
         assert!(text.contains("\"verdict\":\"expected_fail\""));
         Ok(())
     }

@@ -184,7 +184,13 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 }
             }
             result.passed = suite.failures() == 0;
-            result.verdict = Verdict::judge(expect, result.passed, plan.strict);
+            let failed: Vec<&str> = suite
+                .checks
+                .iter()
+                .filter(|c| !c.passed)
+                .map(|c| c.name.as_str())
+                .collect();
+            result.verdict = Verdict::judge(expect, &failed, plan.strict);
             result.note = suite
                 .checks
                 .iter()

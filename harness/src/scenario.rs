@@ -11,11 +11,27 @@ use crate::rig::Rig;
 
 /// What a scenario is expected to do on a flavor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(tag = "expect", content = "reason", rename_all = "snake_case")]
+#[serde(tag = "expect", content = "defect", rename_all = "snake_case")]
 pub enum Expect {
     Pass,
-    /// Expected to fail, reproducing a known defect (the reason names it).
-    Fail(&'static str),
+    /// Expected to fail, reproducing a known defect.
+    Fail(Defect),
+}
+
+/// A known defect a scenario reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Defect {
+    /// Its name (B1, U2, ...) and how it shows.
+    pub reason: &'static str,
+    /// The checks whose failure is this defect; a scenario that fails only elsewhere (a
+    /// harness error, another defect) did not reproduce it.
+    pub shows_as: &'static [&'static str],
+}
+
+impl std::fmt::Display for Defect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason)
+    }
 }
 
 /// The kernel an expectation is about: its flavor ("byo" for a user's kernel, expected to
@@ -249,10 +265,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn judge(expect: Expect, passed: bool, strict: bool) -> Self {
-        match (expect, passed) {
+    /// `failed` names the checks that failed (none: the scenario passed).
+    pub fn judge(expect: Expect, failed: &[&str], strict: bool) -> Self {
+        match (expect, failed.is_empty()) {
             (Expect::Pass, true) => Verdict::Pass,
-            (Expect::Fail(_), false) if !strict => Verdict::ExpectedFail,
+            (Expect::Fail(defect), false)
+                if !strict && failed.iter().any(|c| defect.shows_as.contains(c)) =>
+            {
+                Verdict::ExpectedFail
+            }
             _ => Verdict::Mismatch,
         }
     }
@@ -285,10 +306,10 @@ mod tests {
             .find(|s| s.name == "revoke-on-hot-reset")
             .expect("registered");
         let on = |flavor, debug| (hot_reset.expect)(Target { flavor, debug });
-        assert!(matches!(on("upstream", true), Expect::Fail(why) if why.starts_with("U2")));
+        assert!(matches!(on("upstream", true), Expect::Fail(d) if d.reason.starts_with("U2")));
         assert_eq!(on("upstream", false), Expect::Pass);
         assert_eq!(on("upstream-fixed", true), Expect::Pass);
-        assert!(matches!(on("v1", false), Expect::Fail(why) if why.starts_with("B1")));
+        assert!(matches!(on("v1", false), Expect::Fail(d) if d.reason.starts_with("B1")));
     }
 
     #[test]
@@ -313,23 +334,61 @@ mod tests {
 
     #[test]
     fn verdicts_follow_expectations_in_both_directions() {
-        let defect = Expect::Fail("B1: no revoke on reset");
-        assert_eq!(Verdict::judge(Expect::Pass, true, false), Verdict::Pass);
+        let defect = Expect::Fail(Defect {
+            reason: "B1: no revoke on reset",
+            shows_as: &["write-refused"],
+        });
+        let shown = ["write-refused", "maps-again"];
+        assert_eq!(Verdict::judge(Expect::Pass, &[], false), Verdict::Pass);
         assert_eq!(
-            Verdict::judge(Expect::Pass, false, false),
+            Verdict::judge(Expect::Pass, &shown, false),
             Verdict::Mismatch
         );
-        assert_eq!(Verdict::judge(defect, false, false), Verdict::ExpectedFail);
+        assert_eq!(Verdict::judge(defect, &shown, false), Verdict::ExpectedFail);
         assert_eq!(
-            Verdict::judge(defect, true, false),
+            Verdict::judge(defect, &[], false),
             Verdict::Mismatch,
             "an unexpected pass is a mismatch"
         );
         assert_eq!(
-            Verdict::judge(defect, false, true),
+            Verdict::judge(defect, &["scenario-completed"], false),
+            Verdict::Mismatch,
+            "failing elsewhere (a harness error) is not the defect"
+        );
+        assert_eq!(
+            Verdict::judge(defect, &shown, true),
             Verdict::Mismatch,
             "--strict counts every failure"
         );
+    }
+
+    #[test]
+    fn every_defect_shows_as_checks_its_scenario_records() {
+        // The names a scenario records, collected from its source, so a renamed check cannot
+        // leave a defect that no failure matches.
+        let sources = [
+            include_str!("p2p.rs"),
+            include_str!("races.rs"),
+            include_str!("export_args.rs"),
+        ]
+        .concat();
+        for s in SCENARIOS {
+            for flavor in ["v1", "v1-fixed", "upstream", "upstream-fixed"] {
+                for debug in [false, true] {
+                    if let Expect::Fail(defect) = (s.expect)(Target { flavor, debug }) {
+                        assert!(!defect.shows_as.is_empty(), "{} on {flavor}", s.name);
+                        for check in defect.shows_as {
+                            assert!(
+                                *check == "guest-console-clean"
+                                    || sources.contains(&format!("\"{check}\"")),
+                                "{}: `{check}` is recorded by no scenario",
+                                s.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
