@@ -14,6 +14,12 @@ use crate::report::{RunReport, ScenarioResult};
 use crate::scenario::{Expect, Verdict};
 
 const WIDTH: f64 = 960.0;
+/// What the timeline's colours mean; every mark's hover title has the details.
+const LEGEND: &str = "<p class=\"legend\"><span style=\"color:#5b8dd6\">&#9632;</span> request \
+    that succeeded (ACK) <span style=\"color:#d98c1f\">&#9632;</span> request that failed or was \
+    NAKed <span style=\"color:#2a2a2a\">&#9679;</span> device event \
+    <span style=\"color:#d01010\">&#9679;</span> access during a revoke (violation) \
+    <span style=\"color:#f5d0a0\">&#9632;</span> reset or decode-off window</p>\n";
 const LEFT: f64 = 90.0;
 const LANE_HEIGHT: f64 = 34.0;
 
@@ -80,7 +86,7 @@ pub fn render(report: &RunReport) -> String {
          td,th{border:1px solid #bbb;padding:.25em .6em;text-align:left;font-size:90%}\
          .pass{background:#d8f0d8}.expected_fail{background:#fbeec4}.mismatch{background:#f6c6c6}.skipped{background:#e4e4e4}\
          .ok{color:#1a7f1a}.bad{color:#b00}section{margin:1.5em 0;border-top:1px solid #ccc}\
-         pre{white-space:pre-wrap;font-size:85%;margin:0}</style></head><body>\n<h1>p2prig report</h1>\n",
+         pre{white-space:pre-wrap;font-size:85%;margin:0}.legend{font-size:80%;color:#555}</style></head><body>\n<h1>p2prig report</h1>\n",
     );
     html.push_str(&summary_table(report));
     for result in &report.results {
@@ -175,6 +181,7 @@ fn section(r: &ScenarioResult) -> String {
     out.push_str("</table>\n");
     let marks = marks_for(r);
     out.push_str(&timeline_svg(&marks, r.start_ns, r.end_ns));
+    out.push_str(LEGEND);
     let _ = writeln!(
         out,
         "<p>Run directory: <code>{}</code></p></section>",
@@ -571,26 +578,26 @@ mod tests {
 
     /// Renders a report with a violation in headless Chromium (Debian's, from
     /// ci/install-deps.sh) and checks the screenshot shows the red violation mark; the PNG is
-    /// kept as target/p2prig/report-render-check.png.
+    /// kept with its page in target/p2prig/runs/render-check/.
     #[test]
     #[ignore = "needs Debian's chromium; run by `make report-render-test`"]
     fn html_report_renders_in_chromium() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("agent.transcript"), TRANSCRIPT)?;
-        std::fs::write(dir.path().join("roce-target.transcript"), TARGET_TRANSCRIPT)?;
-        std::fs::write(dir.path().join("nvme-cmb.trace.jsonl"), TRACE)?;
+        // A run directory like a real run's, kept with its screenshot for inspection.
+        let dir = crate::paths::output_root().join("runs/render-check");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("agent.transcript"), TRANSCRIPT)?;
+        std::fs::write(dir.join("roce-target.transcript"), TARGET_TRANSCRIPT)?;
+        std::fs::write(dir.join("nvme-cmb.trace.jsonl"), TRACE)?;
         let mut report = crate::report::tests::report();
         for r in &mut report.results {
-            r.run_dir = dir.path().to_path_buf();
+            r.run_dir = dir.clone();
             r.start_ns = 0;
             r.end_ns = 10_000;
         }
-        let page = dir.path().join("report.html");
+        let page = dir.join("report.html");
         write(&report, &page)?;
-        let out_dir = crate::paths::output_root();
-        std::fs::create_dir_all(&out_dir)?;
-        let png = out_dir.join("report-render-check.png");
-        let _ = std::fs::remove_file(&png);
+        let png = dir.join("report.png");
         let profile = tempfile::tempdir()?;
         let status = std::process::Command::new("chromium")
             .args([
@@ -617,14 +624,21 @@ mod tests {
         let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
         let info = reader.next_frame(&mut buf)?;
         let channels = info.color_type.samples();
-        let violation_red = buf[..info.buffer_size()]
-            .chunks(channels)
-            .filter(|px| px.len() >= 3 && px[0] == 0xd0 && px[1] == 0x10 && px[2] == 0x10)
-            .count();
+        let count = |rgb: [u8; 3]| {
+            buf[..info.buffer_size()]
+                .chunks(channels)
+                .filter(|px| px.len() >= 3 && px[..3] == rgb)
+                .count()
+        };
+        let violation_red = count([0xd0, 0x10, 0x10]);
         assert!(
             violation_red > 20,
             "the red violation mark is visible ({violation_red} pixels)"
         );
+        // The target lane's NAKed poll and the guest's failed request are drawn as not-ok
+        // spans.
+        let not_ok = count([0xd9, 0x8c, 0x1f]);
+        assert!(not_ok > 20, "not-ok spans are visible ({not_ok} pixels)");
         Ok(())
     }
 
