@@ -105,31 +105,27 @@ pub(crate) fn rdma_up(rig: &mut Rig, held: &mut Held) -> Result<u32> {
         )?,
         "eth0 up",
     )?;
-    match rig.agent_call(
-        AgentOp::RdmaLinkAdd {
-            name: "rxe0".into(),
-            netdev: "eth0".into(),
-        },
-        RPC,
-    )? {
+    rxe_open(rig, "rxe0", "eth0", held)
+}
+
+/// Adds rxe device `name` on `netdev` unless it exists, and opens it.
+fn rxe_open(rig: &mut Rig, name: &str, netdev: &str, held: &mut Held) -> Result<u32> {
+    let add = AgentOp::RdmaLinkAdd {
+        name: name.into(),
+        netdev: netdev.into(),
+    };
+    match rig.agent_call(add, RPC)? {
         Ok(_) => {}
         Err(e) if e.errno == libc::EEXIST => {}
-        Err(e) => bail!("rdma link add rxe0 netdev eth0: {e}"),
+        Err(e) => bail!("rdma link add {name} netdev {netdev}: {e}"),
     }
-    match ok(
-        rig.agent_call(
-            AgentOp::RdmaOpen {
-                name: "rxe0".into(),
-            },
-            RPC,
-        )?,
-        "open rxe0",
-    )? {
+    let open = AgentOp::RdmaOpen { name: name.into() };
+    match ok(rig.agent_call(open, RPC)?, &format!("open {name}"))? {
         AgentReply::RdmaContext { context } => {
             held.push(AgentOp::RdmaClose { context });
             Ok(context)
         }
-        other => bail!("open rxe0: unexpected {other:?}"),
+        other => bail!("open {name}: unexpected {other:?}"),
     }
 }
 
@@ -616,32 +612,7 @@ fn import_without_pci_function(
     with_held_value(rig, |rig, held| {
         let device = open_device(rig, held)?;
         let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
-        match rig.agent_call(
-            AgentOp::RdmaLinkAdd {
-                name: "rxe_lo".into(),
-                netdev: "lo".into(),
-            },
-            RPC,
-        )? {
-            Ok(_) => {}
-            Err(e) if e.errno == libc::EEXIST => {}
-            Err(e) => bail!("rdma link add rxe_lo netdev lo: {e}"),
-        }
-        let context = match ok(
-            rig.agent_call(
-                AgentOp::RdmaOpen {
-                    name: "rxe_lo".into(),
-                },
-                RPC,
-            )?,
-            "open rxe_lo",
-        )? {
-            AgentReply::RdmaContext { context } => {
-                held.push(AgentOp::RdmaClose { context });
-                context
-            }
-            other => bail!("open rxe_lo: unexpected {other:?}"),
-        };
+        let context = rxe_open(rig, "rxe_lo", "lo", held)?;
         let pd = alloc_pd(rig, context, held)?;
         let reply = rig.agent_call(
             AgentOp::RegDmabufMr {
@@ -1625,6 +1596,20 @@ fn find_capability(rig: &mut Rig, device: u32, id: u64) -> Result<u64> {
     bail!("capability {id:#04x} not in the function's capability list")
 }
 
+/// Clears PCI_COMMAND's memory bit; returns the command register as it was.
+pub(crate) fn clear_memory_decode(rig: &mut Rig, device: u32) -> Result<u64> {
+    let command = config_read(rig, device, 4, 2)?;
+    config_write(
+        rig,
+        device,
+        4,
+        2,
+        command & !0x2,
+        "clear PCI_COMMAND memory",
+    )?;
+    Ok(command)
+}
+
 pub(crate) fn config_write(
     rig: &mut Rig,
     device: u32,
@@ -1665,15 +1650,7 @@ fn open_window(rig: &mut Rig, device: u32, window: Window, since: u64) -> Result
             })
         }
         Window::MemoryDecodeOff => {
-            let command = config_read(rig, device, 4, 2)?;
-            config_write(
-                rig,
-                device,
-                4,
-                2,
-                command & !0x2,
-                "clear PCI_COMMAND memory",
-            )?;
+            clear_memory_decode(rig, device)?;
             None
         }
         Window::D3Hot => {

@@ -16,7 +16,7 @@ use p2prig_protocol::event::EventKind;
 use p2prig_protocol::wire::ErrorReply;
 
 use crate::p2p::{
-    alloc_pd, config_read, config_write, doorbell_mr, events_since, expect_done, export, last_seq,
+    alloc_pd, clear_memory_decode, doorbell_mr, events_since, expect_done, export, last_seq,
     open_device, rdma_up, reg_dmabuf, ring, with_held, Held, PAGE, RPC,
 };
 use crate::report::Suite;
@@ -327,15 +327,7 @@ fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
 
 /// Clears memory decode and returns the config write that sets it again.
 fn decode_op(rig: &mut Rig, device: u32) -> Result<AgentOp> {
-    let command = config_read(rig, device, 4, 2)?;
-    config_write(
-        rig,
-        device,
-        4,
-        2,
-        command & !0x2,
-        "clear PCI_COMMAND memory",
-    )?;
+    let command = clear_memory_decode(rig, device)?;
     Ok(AgentOp::ConfigWrite {
         device,
         offset: 4,
