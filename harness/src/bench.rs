@@ -18,7 +18,7 @@ use serde::Serialize;
 use p2prig_protocol::agent::{Access, AgentOp, AgentReply, SendOpcode};
 use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp, TargetReply};
 
-use crate::p2p::{self, Held};
+use crate::p2p::{self, with_held_value, Held};
 use crate::rig::Rig;
 use crate::scenario::ScenarioEnv;
 
@@ -49,10 +49,9 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, iterations: u32) -> Result<Vec<Figu
         name: "boot to agent ready".into(),
         value: format!("{:.2} s", rig.boot_time.as_secs_f64()),
     }];
-    let mut held = Held::default();
-    let result = measure(rig, env, iterations, &mut held, &mut figures);
-    held.release(rig);
-    result?;
+    with_held_value(rig, |rig, held| {
+        measure(rig, env, iterations, held, &mut figures)
+    })?;
     Ok(figures)
 }
 

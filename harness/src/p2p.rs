@@ -50,11 +50,18 @@ impl Held {
         self.0.push(release);
     }
 
-    pub(crate) fn release(mut self, rig: &mut Rig) {
+    /// Releases in reverse order. A resource may already be gone (a QP replaced after a
+    /// revoke, an MR a race deregistered): the agent's errno is ignored. A release that does
+    /// not return at all is a finding and ends the release with an error naming it.
+    pub(crate) fn release(mut self, rig: &mut Rig) -> Result<()> {
         while let Some(op) = self.0.pop() {
-            // A resource may already be gone (a QP replaced after a revoke): ignore errors.
-            let _ = rig.agent_call(op, RPC);
+            let desc = format!("{op:?}");
+            // Ok(Err(errno)): already gone, which is fine here.
+            let _gone_is_fine = rig
+                .agent_call(op, RPC)
+                .map_err(|e| anyhow!("releasing {desc} did not complete: {e:#}"))?;
         }
+        Ok(())
     }
 }
 
@@ -73,8 +80,10 @@ pub(crate) fn with_held_value<T>(
 ) -> Result<T> {
     let mut held = Held::default();
     let result = body(rig, &mut held);
-    held.release(rig);
-    result
+    let released = held.release(rig);
+    let value = result?;
+    released?;
+    Ok(value)
 }
 
 /// Two connected RC QPs on rxe0: A posts, B's side owns the target MR.
@@ -1148,7 +1157,7 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     for _ in 0..MAP_CYCLES {
         let mut scratch = Held::default();
         let registered = reg_dmabuf(rig, &mut scratch, pd, dmabuf, 0, PAGE)?;
-        scratch.release(rig);
+        scratch.release(rig)?;
         if registered.is_ok() {
             cycles += 1;
         }

@@ -17,7 +17,7 @@ use p2prig_protocol::wire::ErrorReply;
 
 use crate::p2p::{
     alloc_pd, clear_memory_decode, doorbell_mr, events_since, expect_done, export, last_seq,
-    open_device, rdma_up, reg_dmabuf, ring, with_held, Held, PAGE, RPC,
+    open_device, rdma_up, reg_dmabuf, ring, with_held, with_held_value, Held, PAGE, RPC,
 };
 use crate::report::Suite;
 use crate::rig::Rig;
@@ -305,9 +305,8 @@ fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
             .map_err(|e| anyhow!("{desc}: {e}"))?;
         Ok(t.elapsed())
     };
-    let mut held = Held::default();
-    let result = (|| {
-        let Import { device, mr } = import(rig, env, pd, &mut held)?;
+    with_held_value(rig, |rig, held| {
+        let Import { device, mr } = import(rig, env, pd, held)?;
         let dereg = timed(rig, AgentOp::DeregMr { mr })?;
         // The dma-buf stays exported, as in the races.
         let reset = timed(rig, AgentOp::VfioReset { device })?;
@@ -320,9 +319,7 @@ fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
             reset,
             remap,
         })
-    })();
-    held.release(rig);
-    result
+    })
 }
 
 /// Clears memory decode and returns the config write that sets it again.
@@ -343,9 +340,8 @@ fn race_once(
     step: &Step,
     calibration: &Calibration,
 ) -> Result<Outcome> {
-    let mut held = Held::default();
-    let result = (|| {
-        let Import { device, mr } = import(rig, env, pd, &mut held)?;
+    with_held_value(rig, |rig, held| {
+        let Import { device, mr } = import(rig, env, pd, held)?;
         let revoke = match step.race {
             Race::DeviceClose => AgentOp::VfioClose { device },
             Race::Reset => AgentOp::VfioReset { device },
@@ -385,10 +381,7 @@ fn race_once(
                 revoke: first,
             }
         })
-    })();
-    // Whatever the race left (the MR, the dma-buf fd, the device) goes before the next one.
-    held.release(rig);
-    result
+    })
 }
 
 #[cfg(test)]

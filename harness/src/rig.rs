@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use p2prig_protocol::agent::{AgentOp, AgentReply, READY_BANNER};
+use p2prig_protocol::agent::{AgentOp, AgentReply, SysrqReport, READY_BANNER};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::target::{TargetOp, TargetReply};
 use p2prig_protocol::wire::ErrorReply;
@@ -365,7 +365,59 @@ impl Rig {
     }
 
     /// [`Rig::agent_finish`] with the guest's CLOCK_MONOTONIC when the operation finished.
+    /// When the reply does not come while the guest still runs, the error carries what the
+    /// guest kernel says its blocked tasks are waiting for.
     pub fn agent_finish_stamped(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<(std::result::Result<AgentReply, ErrorReply>, Option<u64>)> {
+        let result = self.agent_wait(id, timeout);
+        match result {
+            Err(e)
+                if !crate::process::interrupted()
+                    && self.qemu.try_status().is_none()
+                    && console::fatal_excerpt(&self.console).is_none() =>
+            {
+                match self.blocked_tasks() {
+                    Some(dump) => Err(anyhow!(
+                        "{e:#}\nthe guest still runs; its blocked tasks (SysRq w, from the console):\n{dump}"
+                    )),
+                    None => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Asks the guest for SysRq w and returns what it printed, if anything came within 3 s.
+    fn blocked_tasks(&mut self) -> Option<String> {
+        const MARKER: &str = "Show Blocked State";
+        let mark = std::fs::metadata(&self.console).map(|m| m.len()).ok()?;
+        let id = self
+            .agent
+            .start(AgentOp::Sysrq {
+                report: SysrqReport::BlockedTasks,
+            })
+            .ok()?;
+        let _ = self.agent_wait(id, Duration::from_secs(3));
+        // The report is written in one go; give the serial console a moment to drain it.
+        std::thread::sleep(Duration::from_millis(500));
+        let bytes = std::fs::read(&self.console).ok()?;
+        let start = usize::try_from(mark).ok()?.min(bytes.len());
+        let text = String::from_utf8_lossy(&bytes[start..]).into_owned();
+        let from = text.find(MARKER)?;
+        Some(
+            text[from..]
+                .lines()
+                .filter(|l| !l.starts_with("guest-agent:"))
+                .take(80)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    }
+
+    fn agent_wait(
         &mut self,
         id: u64,
         timeout: Duration,

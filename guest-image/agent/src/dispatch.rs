@@ -88,6 +88,7 @@ pub fn describe(op: &AgentOp) -> String {
         AgentOp::VfioOpen { bdf } => format!("vfio_open {bdf}"),
         AgentOp::PciAttrRead { bdf, attribute } => format!("pci_attr_read {bdf} {attribute}"),
         AgentOp::Kmemleak { command } => format!("kmemleak {command:?}"),
+        AgentOp::Sysrq { report } => format!("sysrq {report:?}"),
         AgentOp::PciAttrWrite {
             bdf,
             attribute,
@@ -286,6 +287,10 @@ impl<P: Platform> Agent<P> {
             }
             AgentOp::VfioBind { bdf } => {
                 self.platform.vfio_bind(bdf)?;
+                Ok(AgentReply::Done)
+            }
+            AgentOp::Sysrq { report } => {
+                self.platform.sysrq(report.key())?;
                 Ok(AgentReply::Done)
             }
             AgentOp::Kmemleak { command } => Ok(AgentReply::Text {
@@ -666,6 +671,9 @@ pub(crate) mod fake {
         }
         fn kmemleak(&self, command: &str) -> Result<String> {
             Ok(format!("after {command}: nothing suspected\n"))
+        }
+        fn sysrq(&self, _key: char) -> Result<()> {
+            Ok(())
         }
         fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {
             lock(&self.devices)

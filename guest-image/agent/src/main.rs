@@ -89,6 +89,7 @@ fn run(cli: &Cli, is_init: bool) -> anyhow::Result<()> {
     let paths = SystemPaths {
         sys: cli.sys.clone(),
         dev: cli.dev.clone(),
+        proc: PathBuf::from("/proc"),
     };
     let agent = Agent::new(LinuxPlatform {
         paths: paths.clone(),

@@ -21,6 +21,7 @@ pub trait Platform: Send + Sync {
     fn pci_attr_write(&self, bdf: &str, attribute: &str, value: &str) -> Result<()>;
     /// Writes `command` to kmemleak's debugfs file and returns what it then reports.
     fn kmemleak(&self, command: &str) -> Result<String>;
+    fn sysrq(&self, key: char) -> Result<()>;
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>>;
     fn dmesg(&self) -> Result<String>;
     /// Syncs and powers off; returns only when that is impossible (then the caller goes on).
@@ -133,6 +134,10 @@ impl Platform for LinuxPlatform {
 
     fn kmemleak(&self, command: &str) -> Result<String> {
         self.paths.kmemleak(command)
+    }
+
+    fn sysrq(&self, key: char) -> Result<()> {
+        self.paths.sysrq(key)
     }
 
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>> {

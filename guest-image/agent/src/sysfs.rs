@@ -16,6 +16,7 @@ pub const VFIO_PCI_DRIVER: &str = "vfio-pci";
 pub struct SystemPaths {
     pub sys: PathBuf,
     pub dev: PathBuf,
+    pub proc: PathBuf,
 }
 
 impl Default for SystemPaths {
@@ -23,6 +24,7 @@ impl Default for SystemPaths {
         Self {
             sys: PathBuf::from("/sys"),
             dev: PathBuf::from("/dev"),
+            proc: PathBuf::from("/proc"),
         }
     }
 }
@@ -163,6 +165,11 @@ impl SystemPaths {
             .map_err(|e| AgentError::os(format!("reading {}", path.display()), e))
     }
 
+    /// Asks the kernel for a magic SysRq report (it goes to the kernel log).
+    pub fn sysrq(&self, key: char) -> Result<()> {
+        write_attribute(&self.proc.join("sysrq-trigger"), &key.to_string())
+    }
+
     pub fn bind_vfio(&self, bdf: &str) -> Result<()> {
         let dir = self.pci_device(bdf)?;
         write_attribute(&dir.join("driver_override"), VFIO_PCI_DRIVER)?;
@@ -262,6 +269,7 @@ pub(crate) mod fake {
             let paths = SystemPaths {
                 sys: dir.path().join("sys"),
                 dev: dir.path().join("dev"),
+                proc: dir.path().join("proc"),
             };
             fs::create_dir_all(paths.sys.join("bus/pci/devices")).expect("mkdir");
             fs::create_dir_all(paths.sys.join("bus/pci/drivers")).expect("mkdir");
@@ -422,6 +430,16 @@ mod tests {
                 .expect_err("refused");
             assert_eq!(error.errno(), libc::EINVAL, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sysrq_writes_its_key_to_the_trigger() {
+        let system = FakeSystem::new();
+        fs::create_dir_all(&system.paths.proc).expect("mkdir");
+        fs::write(system.paths.proc.join("sysrq-trigger"), "").expect("create");
+        system.paths.sysrq('w').expect("written");
+        let written = fs::read_to_string(system.paths.proc.join("sysrq-trigger")).expect("read");
+        assert_eq!(written, "w");
     }
 
     #[test]

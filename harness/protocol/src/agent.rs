@@ -70,6 +70,26 @@ fn one_u32() -> u32 {
     1
 }
 
+/// The magic SysRq reports the harness may ask for when the guest seems stuck; each goes to
+/// the kernel log, so to the serial console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SysrqReport {
+    /// `w`: the stacks of tasks in uninterruptible sleep.
+    BlockedTasks,
+    /// `d`: the locks held (lockdep kernels).
+    HeldLocks,
+}
+
+impl SysrqReport {
+    pub fn key(self) -> char {
+        match self {
+            SysrqReport::BlockedTasks => 'w',
+            SysrqReport::HeldLocks => 'd',
+        }
+    }
+}
+
 /// What to ask kmemleak to do before reading its report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -175,6 +195,10 @@ pub enum AgentOp {
     /// with the file's report (empty when kmemleak suspects nothing). Debug kernels only.
     Kmemleak {
         command: KmemleakCommand,
+    },
+    /// Write the report's key to /proc/sysrq-trigger, then answer `done`.
+    Sysrq {
+        report: SysrqReport,
     },
     /// Sleep on the agent side, then answer `done`; lets tests hold a request in flight.
     Sleep {
