@@ -187,6 +187,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
     ];
+    let fds_before = open_fds(rig)?;
     for case in cases {
         let started = Instant::now();
         let op = AgentOp::DmabufExport {
@@ -235,7 +236,23 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
         }
         suite.record(case.name, passed, detail, started.elapsed());
     }
+    let fds_after = open_fds(rig)?;
+    suite.record(
+        "no-fd-leaked",
+        fds_after == fds_before,
+        format!("the agent held {fds_before} fds before the exports and {fds_after} after"),
+        Duration::ZERO,
+    );
     Ok(())
+}
+
+/// How many fds the guest agent holds: every export above was closed or refused, so the
+/// count must come back to where it was.
+fn open_fds(rig: &mut Rig) -> Result<u64> {
+    match rig.agent_call(AgentOp::OpenFds, RPC_TIMEOUT)? {
+        Ok(AgentReply::Value { value }) => Ok(value),
+        other => bail!("open_fds: {other:?}"),
+    }
 }
 
 /// Binds and opens the rig's NVMe function (idempotent across scenarios of one boot).

@@ -1108,8 +1108,13 @@ fn remote_doorbell(
 // ---------------------------------------------------------------- map leak
 
 /// Registration maps the dma-buf attachment, deregistration unmaps it: each cycle is one
-/// map/unmap, as every revoke/re-map is.
+/// map/unmap.
 const MAP_CYCLES: u32 = 32;
+/// Memory decode off then on with an MR registered: each cycle is a revoke (unmap) and a
+/// re-map from the importer's work item.
+const REMAP_CYCLES: u32 = 16;
+/// Long enough for rxe's re-map work (first attempt at once, retries after 10 and 100 ms).
+const REMAP_SETTLE: Duration = Duration::from_millis(250);
 
 pub fn expect_map_leak(target: Target) -> Expect {
     match target.flavor {
@@ -1166,6 +1171,26 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
         "map-unmap-cycles",
         cycles == MAP_CYCLES,
         format!("{cycles} of {MAP_CYCLES} registrations succeeded"),
+        t.elapsed(),
+    );
+
+    let t = Instant::now();
+    let lb = connect_pair_on(rig, context, pd, held)?;
+    let (_mr, rkey) =
+        reg_dmabuf(rig, held, pd, dmabuf, 0, PAGE)?.map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
+    for _ in 0..REMAP_CYCLES {
+        let command = clear_memory_decode(rig, device)?;
+        config_write(rig, device, 4, 2, command | 0x2, "set PCI_COMMAND memory")?;
+        std::thread::sleep(REMAP_SETTLE);
+    }
+    let after = ring(rig, &lb, rkey, 21, 1)?;
+    suite.record(
+        "revoke-remap-cycles-end-with-a-working-mr",
+        after.landed(),
+        format!(
+            "{REMAP_CYCLES} decode off/on cycles; then {}",
+            after.detail()
+        ),
         t.elapsed(),
     );
     // kmemleak reports an object only once it is older than its minimum age (5 s) and was

@@ -45,6 +45,10 @@ const RESET_HOLD_MS: u64 = 20;
 enum Race {
     /// The VFIO device fd closes (vfio-pci revokes and cleans its dma-bufs up).
     DeviceClose,
+    /// The same, with the dma-buf's fd closed before: the MR holds the last reference, so the
+    /// deregistration releases the dma-buf while vfio-pci cleans it up (the seed's
+    /// dma_buf_try_get() question).
+    LastReference,
     /// VFIO_DEVICE_RESET (revoke, reset, restore).
     Reset,
     /// PCI_COMMAND memory decode set again after being cleared (restore: the importer maps
@@ -52,12 +56,18 @@ enum Race {
     Remap,
 }
 
-const RACES: [Race; 3] = [Race::DeviceClose, Race::Reset, Race::Remap];
+const RACES: [Race; 4] = [
+    Race::DeviceClose,
+    Race::LastReference,
+    Race::Reset,
+    Race::Remap,
+];
 
 impl Race {
     fn name(self) -> &'static str {
         match self {
             Race::DeviceClose => "device-close",
+            Race::LastReference => "device-close (fd closed, the MR holds the last reference)",
             Race::Reset => "vfio-reset",
             Race::Remap => "decode-on",
         }
@@ -157,7 +167,7 @@ impl Calibration {
             return self.dereg;
         }
         match step.race {
-            Race::DeviceClose => self.close,
+            Race::DeviceClose | Race::LastReference => self.close,
             Race::Reset => self.reset,
             Race::Remap => self.remap,
         }
@@ -284,6 +294,7 @@ fn run_schedule(
 /// An exported doorbell page with an MR over it, on a freshly opened device.
 struct Import {
     device: u32,
+    dmabuf: u32,
     mr: u32,
 }
 
@@ -292,7 +303,7 @@ fn import(rig: &mut Rig, env: &ScenarioEnv, pd: u32, held: &mut Held) -> Result<
     let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
     let (mr, _rkey) = reg_dmabuf(rig, held, pd, dmabuf, 0, PAGE)?
         .map_err(|e| anyhow!("reg_dmabuf_mr over the doorbell page: {e}"))?;
-    Ok(Import { device, mr })
+    Ok(Import { device, dmabuf, mr })
 }
 
 /// Each operation alone, the revokes without an importer (on v1 a close with one attached
@@ -306,7 +317,7 @@ fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
         Ok(t.elapsed())
     };
     with_held_value(rig, |rig, held| {
-        let Import { device, mr } = import(rig, env, pd, held)?;
+        let Import { device, mr, .. } = import(rig, env, pd, held)?;
         let dereg = timed(rig, AgentOp::DeregMr { mr })?;
         // The dma-buf stays exported, as in the races.
         let reset = timed(rig, AgentOp::VfioReset { device })?;
@@ -341,9 +352,14 @@ fn race_once(
     calibration: &Calibration,
 ) -> Result<Outcome> {
     with_held_value(rig, |rig, held| {
-        let Import { device, mr } = import(rig, env, pd, held)?;
+        let Import { device, dmabuf, mr } = import(rig, env, pd, held)?;
         let revoke = match step.race {
             Race::DeviceClose => AgentOp::VfioClose { device },
+            Race::LastReference => {
+                rig.agent_call(AgentOp::DmabufClose { dmabuf }, RPC)?
+                    .map_err(|e| anyhow!("closing the dma-buf fd before the race: {e}"))?;
+                AgentOp::VfioClose { device }
+            }
             Race::Reset => AgentOp::VfioReset { device },
             Race::Remap => decode_op(rig, device)?,
         };

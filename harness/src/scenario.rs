@@ -203,18 +203,20 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "release-races",
-        summary: "an MR's deregistration (the importer's detach and release) raced against the \
-                  device fd closing, a VFIO_DEVICE_RESET and decode coming back on (re-map), \
-                  24 iterations with seeded random delays: every call succeeds, no BAR access, \
-                  no kernel report, and a new MR works afterwards",
+        summary: "an MR's deregistration (the importer's detach, and with the dma-buf fd closed \
+                  first its release) raced against the device fd closing, a VFIO_DEVICE_RESET \
+                  and decode coming back on (re-map), 40 iterations at seeded points of each \
+                  operation's measured duration: every call succeeds, no BAR access, no kernel \
+                  report, and a new MR works afterwards",
         needs_debug: false,
         expect: crate::races::expect,
         run: crate::races::run,
     },
     Scenario {
         name: "map-leak",
-        summary: "many dma-buf MR registrations (map) and deregistrations (unmap) of the doorbell \
-                  page, then a kmemleak scan: nothing leaked (debug variant only)",
+        summary: "32 dma-buf MR registrations (map) and deregistrations (unmap) of the doorbell \
+                  page and 16 revoke/re-map cycles (decode off/on) of a registered one, which \
+                  then still works; a kmemleak scan finds nothing (debug variant only)",
         needs_debug: true,
         expect: crate::p2p::expect_map_leak,
         run: crate::p2p::run_map_leak,

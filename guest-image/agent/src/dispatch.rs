@@ -141,6 +141,7 @@ pub fn describe(op: &AgentOp) -> String {
         }
         AgentOp::Sleep { ms } => format!("sleep {ms} ms"),
         AgentOp::Dmesg => "dmesg".into(),
+        AgentOp::OpenFds => "open_fds".into(),
         AgentOp::PowerOff => "power_off".into(),
         other => crate::rdma_ops::describe(other),
     }
@@ -166,6 +167,7 @@ pub fn is_chatty(op: &AgentOp) -> bool {
             | AgentOp::VfioRegion { .. }
             | AgentOp::Hello
             | AgentOp::Dmesg
+            | AgentOp::OpenFds
             | AgentOp::MrRead { .. }
             | AgentOp::MrWrite { .. }
             | AgentOp::PostSend { .. }
@@ -433,6 +435,13 @@ impl<P: Platform> Agent<P> {
             AgentOp::Dmesg => Ok(AgentReply::Text {
                 text: self.platform.dmesg()?,
             }),
+            AgentOp::OpenFds => {
+                let entries = std::fs::read_dir("/proc/self/fd")
+                    .map_err(|e| AgentError::os("listing /proc/self/fd".to_string(), e))?;
+                Ok(AgentReply::Value {
+                    value: entries.count() as u64,
+                })
+            }
             // The RPC loop powers off after the reply has gone out.
             AgentOp::PowerOff => Ok(AgentReply::Done),
             other => self.run_rdma(other),
@@ -758,6 +767,20 @@ mod tests {
                 agent_version: env!("CARGO_PKG_VERSION").into()
             }
         );
+    }
+
+    #[test]
+    fn open_fds_counts_what_the_process_holds() {
+        let (agent, _) = agent();
+        let count = |agent: &Agent<FakePlatform>| match ok(agent, AgentOp::OpenFds) {
+            AgentReply::Value { value } => value,
+            other => panic!("unexpected {other:?}"),
+        };
+        let before = count(&agent);
+        let file = std::fs::File::open("/proc/self/fd").expect("open");
+        // Other test threads open files too: at least one more, never fewer than that.
+        assert!(count(&agent) > before, "the extra fd is counted");
+        drop(file);
     }
 
     #[test]

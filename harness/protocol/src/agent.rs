@@ -206,6 +206,9 @@ pub enum AgentOp {
     },
     /// The kernel log since boot.
     Dmesg,
+    /// How many file descriptors the agent holds (`/proc/self/fd`), answered as `value`: a
+    /// scenario compares two counts to show its operations leaked none.
+    OpenFds,
     /// Flush and power the guest off. The agent answers `done` before powering off.
     PowerOff,
 
