@@ -334,15 +334,20 @@ impl<P: Platform> Agent<P> {
                 length,
                 uapi,
             } => self.export(*device, *bar, *offset, *length, *uapi),
-            AgentOp::DmabufClose { dmabuf } => match lock(&self.dmabufs).entries.remove(dmabuf) {
-                Some(fd) => {
-                    drop(fd);
-                    Ok(AgentReply::Done)
+            AgentOp::DmabufClose { dmabuf } => {
+                // Out of the table first: a close that blocks in the kernel (the last
+                // reference releasing the dma-buf) must not hold the table's lock.
+                let removed = lock(&self.dmabufs).entries.remove(dmabuf);
+                match removed {
+                    Some(fd) => {
+                        drop(fd);
+                        Ok(AgentReply::Done)
+                    }
+                    None => Err(AgentError::BadHandle(format!(
+                        "no open dma-buf has handle {dmabuf}"
+                    ))),
                 }
-                None => Err(AgentError::BadHandle(format!(
-                    "no open dma-buf has handle {dmabuf}"
-                ))),
-            },
+            }
             AgentOp::BarRead {
                 device,
                 bar,
