@@ -980,6 +980,27 @@ fn target_write(
     Ok((target_complete(rig, posted)?, posted_ns))
 }
 
+/// roce-target writes `value` (8 bytes) at SQ1TDBL through the doorbell MR `rkey`; returns
+/// its completion and the doorbell-page events the device logged meanwhile.
+fn target_ring(
+    rig: &mut Rig,
+    target_qpn: u32,
+    rkey: u32,
+    value: u64,
+    wr_id: u64,
+) -> Result<(Option<TargetCompletion>, Vec<Event>)> {
+    let since = last_seq(rig)?;
+    let (completion, _) = target_write(
+        rig,
+        target_qpn,
+        &value.to_le_bytes(),
+        SQ1TDBL - PAGE,
+        rkey,
+        wr_id,
+    )?;
+    Ok((completion, doorbell_events(rig, since)?))
+}
+
 /// A target RDMA WRITE on the wire, its completion not yet polled.
 struct TargetPosted {
     qpn: u32,
@@ -1067,33 +1088,17 @@ fn remote_doorbell(
     let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
     let context = rdma_up(rig, held)?;
     let pd = alloc_pd(rig, context, held)?;
-    let (qp, _cq, target_qpn) = connect_to_target(rig, context, pd, held)?;
-    suite.record(
-        "qp-connected-to-roce-target",
-        true,
-        format!("guest QP handle {qp}, target qpn {target_qpn}"),
-        t.elapsed(),
-    );
-    let t = Instant::now();
+    let (_, _, target_qpn) = connect_to_target(rig, context, pd, held)?;
     let (_mr, rkey) =
         reg_dmabuf(rig, held, pd, dmabuf, 0, PAGE)?.map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
-    let since = last_seq(rig)?;
-    let (completion, _) = target_write(
-        rig,
-        target_qpn,
-        &7u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
-        rkey,
-        1,
-    )?;
+    let (completion, events) = target_ring(rig, target_qpn, rkey, 7, 1)?;
     let acked = matches!(&completion, Some(c) if c.status == CompletionStatus::Success);
     suite.record(
         "target-write-is-acked",
         acked,
-        format!("{completion:?}"),
+        format!("{completion:?} (target qpn {target_qpn})"),
         t.elapsed(),
     );
-    let events = doorbell_events(rig, since)?;
     let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
         "device-sees-one-doorbell-write",
@@ -1892,16 +1897,7 @@ fn revoke_window(
     );
     let t = Instant::now();
     let (_, _, target_qpn) = connect_to_target(rig, context, lb.pd(), held)?;
-    let since = last_seq(rig)?;
-    let (target_wc, _) = target_write(
-        rig,
-        target_qpn,
-        &12u64.to_le_bytes(),
-        SQ1TDBL - PAGE,
-        rkey,
-        4,
-    )?;
-    let events = doorbell_events(rig, since)?;
+    let (target_wc, events) = target_ring(rig, target_qpn, rkey, 12, 4)?;
     let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
         "target-write-lands-after-restore",
