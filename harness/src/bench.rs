@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use p2prig_protocol::agent::{Access, AgentOp, AgentReply, SendOpcode};
+use p2prig_protocol::agent::SendOpcode;
 use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp, TargetReply};
 
 use crate::p2p::{self, with_held_value, Held};
 use crate::rig::Rig;
 use crate::scenario::ScenarioEnv;
 
-const RPC: Duration = Duration::from_secs(60);
 const CMB_SLICE: (u64, u64) = (0x1000, 0x10000);
 
 #[derive(Debug, Serialize)]
@@ -67,21 +66,8 @@ fn measure(
     let context = p2p::rdma_up(rig, held)?;
     let pd = p2p::alloc_pd(rig, context, held)?;
     let (_qp, _cq, target_qpn) = p2p::connect_to_target(rig, context, pd, held)?;
-    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
-    let (ordinary_addr, ordinary_rkey) = match rig.agent_call(
-        AgentOp::RegMr {
-            pd,
-            length: 1 << 20,
-            access,
-        },
-        RPC,
-    )? {
-        Ok(AgentReply::Mr { mr, addr, rkey, .. }) => {
-            held.push(AgentOp::DeregMr { mr });
-            (addr, rkey)
-        }
-        other => bail!("reg_mr: {other:?}"),
-    };
+    let ordinary = p2p::reg_mr(rig, held, pd, 1 << 20)?;
+    let (ordinary_addr, ordinary_rkey) = (ordinary.addr, ordinary.rkey);
     let (_cmb_mr, cmb_rkey) = p2p::reg_dmabuf(rig, held, pd, dmabuf, 0, CMB_SLICE.1)?
         .map_err(|e| anyhow::anyhow!("reg_dmabuf_mr over the CMB: {e}"))?;
     let local = p2p::target_mr(rig, 1 << 20)?;
@@ -120,21 +106,7 @@ fn measure(
     let _ = p2p::target_call(rig, TargetOp::DeregisterMr { key: local });
 
     let lb = p2p::connect_pair(rig, context, held)?;
-    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
-    let (addr, rkey) = match rig.agent_call(
-        AgentOp::RegMr {
-            pd: lb.pd(),
-            length: 4096,
-            access,
-        },
-        RPC,
-    )? {
-        Ok(AgentReply::Mr { mr, addr, rkey, .. }) => {
-            held.push(AgentOp::DeregMr { mr });
-            (addr, rkey)
-        }
-        other => bail!("reg_mr: {other:?}"),
-    };
+    let p2p::AgentMr { addr, rkey, .. } = p2p::reg_mr(rig, held, lb.pd(), 4096)?;
     let mut samples = Vec::new();
     for i in 0..iterations {
         let started = Instant::now();

@@ -270,24 +270,7 @@ fn connect_pair_on(rig: &mut Rig, context: u32, pd: u32, held: &mut Held) -> Res
         };
         qp_to_rts(rig, qp, &path)?;
     }
-    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
-    let src_mr = match ok(
-        rig.agent_call(
-            AgentOp::RegMr {
-                pd,
-                length: 4096,
-                access,
-            },
-            RPC,
-        )?,
-        "reg_mr",
-    )? {
-        AgentReply::Mr { mr, .. } => {
-            held.push(AgentOp::DeregMr { mr });
-            mr
-        }
-        other => bail!("mr: unexpected {other:?}"),
-    };
+    let src_mr = reg_mr(rig, held, pd, 4096)?.mr;
     Ok(Loopback {
         pd,
         cq_a: cqs[0],
@@ -304,6 +287,29 @@ fn reconnect(rig: &mut Rig, context: u32, old: &Loopback, held: &mut Held) -> Re
     }
     // Same PD: the MR under test belongs to it.
     connect_pair_on(rig, context, old.pd, held)
+}
+
+/// An MR over agent memory.
+pub(crate) struct AgentMr {
+    pub(crate) mr: u32,
+    pub(crate) addr: u64,
+    pub(crate) rkey: u32,
+}
+
+/// Registers `length` bytes of agent memory with local and remote read/write access.
+pub(crate) fn reg_mr(rig: &mut Rig, held: &mut Held, pd: u32, length: u64) -> Result<AgentMr> {
+    let op = AgentOp::RegMr {
+        pd,
+        length,
+        access: vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead],
+    };
+    match ok(rig.agent_call(op, RPC)?, "reg_mr")? {
+        AgentReply::Mr { mr, addr, rkey, .. } => {
+            held.push(AgentOp::DeregMr { mr });
+            Ok(AgentMr { mr, addr, rkey })
+        }
+        other => bail!("reg_mr: unexpected {other:?}"),
+    }
 }
 
 /// Registers `length` bytes at `offset` of the dma-buf as an MR; returns (mr, rkey).
@@ -1281,21 +1287,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     let context = rdma_up(rig, held)?;
     let pd = alloc_pd(rig, context, held)?;
     let (qp, cq, target_qpn) = connect_to_target(rig, context, pd, held)?;
-    let access = vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead];
-    let (mr, addr, rkey) = match ok(
-        rig.agent_call(
-            AgentOp::RegMr {
-                pd,
-                length: 4096,
-                access,
-            },
-            RPC,
-        )?,
-        "reg_mr",
-    )? {
-        AgentReply::Mr { mr, addr, rkey, .. } => (mr, addr, rkey),
-        other => bail!("reg_mr: unexpected {other:?}"),
-    };
+    let AgentMr { mr, addr, rkey } = reg_mr(rig, held, pd, 4096)?;
     let pattern = "00112233445566778899aabbccddeeff";
     let local = target_mr(rig, 4096)?;
     target_call(
