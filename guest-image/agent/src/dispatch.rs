@@ -504,6 +504,22 @@ pub(crate) mod fake {
     use std::os::fd::FromRawFd;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// The reply of an operation that must succeed.
+    pub fn ok(agent: &Agent<FakePlatform>, op: AgentOp) -> AgentReply {
+        match agent.handle(&op).0 {
+            Outcome::Ok(reply) => reply,
+            Outcome::Err(error) => panic!("{op:?} failed: {error}"),
+        }
+    }
+
+    /// The error of an operation that must fail.
+    pub fn err(agent: &Agent<FakePlatform>, op: AgentOp) -> ErrorReply {
+        match agent.handle(&op).0 {
+            Outcome::Ok(reply) => panic!("{op:?} succeeded: {reply:?}"),
+            Outcome::Err(error) => error,
+        }
+    }
+
     #[derive(Debug, Default)]
     pub struct FakeDevice {
         /// Bytes of each region by index; a missing index is EINVAL like the kernel's answer.
@@ -731,7 +747,7 @@ pub(crate) mod fake {
 
 #[cfg(test)]
 mod tests {
-    use super::fake::{FakeDevice, FakePlatform};
+    use super::fake::{err, ok, FakeDevice, FakePlatform};
     use super::*;
 
     const BDF: &str = "0000:02:00.0";
@@ -739,20 +755,6 @@ mod tests {
     fn agent() -> (Agent<FakePlatform>, Arc<FakeDevice>) {
         let (platform, device) = FakePlatform::with_nvme(BDF);
         (Agent::new(platform), device)
-    }
-
-    fn ok(agent: &Agent<FakePlatform>, op: AgentOp) -> AgentReply {
-        match agent.handle(&op).0 {
-            Outcome::Ok(reply) => reply,
-            Outcome::Err(error) => panic!("{op:?} failed: {error}"),
-        }
-    }
-
-    fn err(agent: &Agent<FakePlatform>, op: AgentOp) -> ErrorReply {
-        match agent.handle(&op).0 {
-            Outcome::Ok(reply) => panic!("{op:?} succeeded: {reply:?}"),
-            Outcome::Err(error) => error,
-        }
     }
 
     fn open(agent: &Agent<FakePlatform>) -> u32 {

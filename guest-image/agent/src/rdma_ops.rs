@@ -466,28 +466,14 @@ impl<P: Platform> Agent<P> {
 #[cfg(test)]
 mod tests {
     use p2prig_protocol::agent::{Access, Completion, SendOpcode};
-    use p2prig_protocol::wire::{decode_line, ErrorReply, Outcome, Request};
+    use p2prig_protocol::wire::{decode_line, Outcome, Request};
 
     use super::*;
-    use crate::dispatch::fake::FakePlatform;
+    use crate::dispatch::fake::{err, ok, FakePlatform};
     use crate::rdma::access_bits;
 
     fn agent() -> Agent<FakePlatform> {
         Agent::new(FakePlatform::default())
-    }
-
-    fn ok(agent: &Agent<FakePlatform>, op: AgentOp) -> AgentReply {
-        match agent.handle(&op).0 {
-            Outcome::Ok(reply) => reply,
-            Outcome::Err(error) => panic!("{op:?} failed: {error}"),
-        }
-    }
-
-    fn err(agent: &Agent<FakePlatform>, op: AgentOp) -> ErrorReply {
-        match agent.handle(&op).0 {
-            Outcome::Ok(reply) => panic!("{op:?} succeeded: {reply:?}"),
-            Outcome::Err(error) => error,
-        }
     }
 
     fn op(line: &str) -> AgentOp {
