@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
-use p2prig_protocol::wire::{
-    decode_line, salvage_id, serve_lines, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
-};
+use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LINE_BYTES};
 
 use crate::device::{hex, Device, MAX_TRANSFER};
 use crate::server::{bind_unix, ServerError};
@@ -123,19 +121,7 @@ pub fn handle(op: DeviceOp, device: &Arc<Device>) -> Result<DeviceReply, ErrorRe
 
 /// Turns one request line into its reply.
 pub fn handle_line(line: &[u8], device: &Arc<Device>) -> Reply<DeviceReply> {
-    match decode_line::<Request<DeviceOp>>(line) {
-        Ok(request) => Reply::new(
-            request.id,
-            match handle(request.op, device) {
-                Ok(reply) => Outcome::Ok(reply),
-                Err(e) => Outcome::Err(e),
-            },
-        ),
-        Err(e) => Reply::new(
-            salvage_id(line),
-            Outcome::Err(invalid(format!("bad request: {e}"))),
-        ),
-    }
+    answer_line(line, |op: DeviceOp| handle(op, device), invalid)
 }
 
 /// Serves one connection until the peer closes it.
@@ -198,6 +184,7 @@ mod tests {
     use super::*;
     use crate::event_log::EventLog;
     use crate::DeviceSettings;
+    use p2prig_protocol::wire::Outcome;
 
     fn device() -> Arc<Device> {
         Device::new(

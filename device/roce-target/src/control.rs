@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2prig_protocol::target::{MrAccess, TargetOp, TargetReply};
-use p2prig_protocol::wire::{
-    decode_line, salvage_id, serve_lines, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
-};
+use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LINE_BYTES};
 
 use crate::backend::{lock_engine, SharedEngine};
 use crate::engine::{EngineError, RemoteBuffer};
@@ -278,19 +276,7 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
 
 /// Turns one request line into its reply.
 pub fn handle_line(line: &[u8], context: &ControlContext) -> Reply<TargetReply> {
-    match decode_line::<Request<TargetOp>>(line) {
-        Ok(request) => Reply::new(
-            request.id,
-            match handle(request.op, context) {
-                Ok(reply) => Outcome::Ok(reply),
-                Err(e) => Outcome::Err(e),
-            },
-        ),
-        Err(e) => Reply::new(
-            salvage_id(line),
-            Outcome::Err(invalid(format!("bad request: {e}"))),
-        ),
-    }
+    answer_line(line, |op: TargetOp| handle(op, context), invalid)
 }
 
 /// Serves one connection until the peer closes it.
@@ -367,6 +353,7 @@ mod tests {
     use super::*;
     use crate::backend::{GuestLink, GuestQueue};
     use crate::{Engine, EngineConfig};
+    use p2prig_protocol::wire::Outcome;
     use std::io::{BufRead, Write};
     use std::sync::Mutex;
 

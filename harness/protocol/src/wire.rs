@@ -112,6 +112,28 @@ pub fn salvage_id(line: &[u8]) -> u64 {
     decode_line::<IdOnly>(line).map(|m| m.id).unwrap_or(0)
 }
 
+/// The reply to one request line: `handle` answers a request that parses, a line that does
+/// not gets `bad_request`'s error under the id salvaged from it.
+pub fn answer_line<Op: DeserializeOwned, T>(
+    line: &[u8],
+    handle: impl FnOnce(Op) -> Result<T, ErrorReply>,
+    bad_request: impl FnOnce(String) -> ErrorReply,
+) -> Reply<T> {
+    match decode_line::<Request<Op>>(line) {
+        Ok(request) => Reply::new(
+            request.id,
+            match handle(request.op) {
+                Ok(reply) => Outcome::Ok(reply),
+                Err(e) => Outcome::Err(e),
+            },
+        ),
+        Err(e) => Reply::new(
+            salvage_id(line),
+            Outcome::Err(bad_request(format!("bad request: {e}"))),
+        ),
+    }
+}
+
 /// Serves one JSON-lines connection until the peer closes it or a read or write fails: every
 /// non-blank line goes to `answer` and its reply is written back; an overlong line is
 /// skipped and answered with `too_long` (id 0), so the next line still parses.
