@@ -12,7 +12,9 @@ use std::time::Duration;
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LINE_BYTES};
 
-use crate::device::{hex, Device, MAX_TRANSFER};
+use p2prig_protocol::hex;
+
+use crate::device::{Device, MAX_TRANSFER};
 use crate::server::{bind_unix, ServerError};
 
 /// Most events one `events_since` returns (the default when no limit is given is 1000).
@@ -25,17 +27,6 @@ pub const MAX_DELAY_MS: u64 = 600_000;
 
 fn invalid(message: impl Into<String>) -> ErrorReply {
     ErrorReply::new(libc::EINVAL, message)
-}
-
-/// Parses lowercase or uppercase hex digits into bytes.
-pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
 }
 
 /// Carries out one operation.
@@ -65,7 +56,7 @@ pub fn handle(op: DeviceOp, device: &Arc<Device>) -> Result<DeviceReply, ErrorRe
                 .map_err(|e| invalid(e.to_string()))?;
             Ok(DeviceReply::CmbData {
                 offset,
-                data_hex: hex(&data),
+                data_hex: hex::encode(&data),
             })
         }
         DeviceOp::CmbFill {
@@ -73,7 +64,7 @@ pub fn handle(op: DeviceOp, device: &Arc<Device>) -> Result<DeviceReply, ErrorRe
             length,
             pattern_hex,
         } => {
-            let pattern = parse_hex(&pattern_hex)
+            let pattern = hex::decode(&pattern_hex)
                 .filter(|p| !p.is_empty() && p.len() <= MAX_PATTERN_BYTES)
                 .ok_or_else(|| {
                     invalid(format!(
@@ -195,15 +186,6 @@ mod tests {
             Arc::new(EventLog::new(64, None)),
         )
         .expect("device")
-    }
-
-    #[test]
-    fn hex_round_trips_and_rejects_junk() {
-        assert_eq!(parse_hex("00aBff"), Some(vec![0, 0xab, 0xff]));
-        assert_eq!(parse_hex("abc"), None);
-        assert_eq!(parse_hex("zz"), None);
-        assert_eq!(parse_hex("é1"), None);
-        assert_eq!(hex(&[1, 0xfe]), "01fe");
     }
 
     #[test]

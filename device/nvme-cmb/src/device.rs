@@ -157,16 +157,6 @@ fn value_of(data: &[u8]) -> Option<u64> {
     })
 }
 
-/// Lowercase hex of `data`.
-pub fn hex(data: &[u8]) -> String {
-    use std::fmt::Write;
-    data.iter()
-        .fold(String::with_capacity(data.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
 fn bar_event(access: Access, bar: u8, offset: u64, data: &[u8]) -> EventKind {
     let value = value_of(data);
     EventKind::Bar {
@@ -177,7 +167,7 @@ fn bar_event(access: Access, bar: u8, offset: u64, data: &[u8]) -> EventKind {
         value,
         data: value
             .is_none()
-            .then(|| hex(&data[..data.len().min(MAX_EVENT_DATA)])),
+            .then(|| p2prig_protocol::hex::encode(&data[..data.len().min(MAX_EVENT_DATA)])),
     }
 }
 
@@ -570,7 +560,7 @@ impl Device {
             in_reset: state.reset.map(|w| w.cause.name().to_string()),
             memory_decode: state.config.memory_decode(),
             power_state: state.config.power_state(),
-            config_hex: hex(state.config.header()),
+            config_hex: p2prig_protocol::hex::encode(state.config.header()),
             controller,
             doorbells: state
                 .controller

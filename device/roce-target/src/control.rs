@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use p2prig_protocol::hex;
 use p2prig_protocol::target::{MrAccess, TargetOp, TargetReply};
 use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LINE_BYTES};
 
@@ -47,26 +48,6 @@ fn engine_error(error: EngineError) -> ErrorReply {
         _ => libc::EINVAL,
     };
     ErrorReply::new(errno, error.to_string())
-}
-
-/// Parses hex digits (either case) into bytes.
-pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
 }
 
 /// Carries out one operation.
@@ -162,7 +143,7 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
                     Ok(TargetReply::MrData {
                         key,
                         offset,
-                        data_hex: hex(&data),
+                        data_hex: hex::encode(&data),
                     })
                 }
                 TargetOp::MrWrite {
@@ -171,7 +152,7 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
                     data_hex,
                     length,
                 } => {
-                    let data = parse_hex(&data_hex)
+                    let data = hex::decode(&data_hex)
                         .filter(|d| d.len() <= MAX_LINE_BYTES)
                         .ok_or_else(|| invalid("data_hex must be hex digits"))?;
                     match length {

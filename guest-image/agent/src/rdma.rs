@@ -67,11 +67,6 @@ pub fn format_gid(gid: &[u8; 16]) -> String {
     }
 }
 
-/// Lower-case hex of bytes.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Bytes of a hex string (even length, upper or lower case).
 pub fn from_hex(text: &str) -> Result<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
@@ -262,7 +257,10 @@ mod tests {
     #[test]
     fn hex_round_trips_and_rejects_garbage() -> Result<()> {
         assert_eq!(from_hex("0123abCD")?, [0x01, 0x23, 0xab, 0xcd]);
-        assert_eq!(to_hex(&[0x01, 0x23, 0xab, 0xcd]), "0123abcd");
+        assert_eq!(
+            p2prig_protocol::hex::encode(&[0x01, 0x23, 0xab, 0xcd]),
+            "0123abcd"
+        );
         assert!(from_hex("abc").is_err());
         assert!(from_hex("zz").is_err());
         assert!(from_hex("+1").is_err());

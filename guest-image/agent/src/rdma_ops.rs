@@ -11,8 +11,8 @@ use crate::error::{AgentError, Result};
 use crate::net::{check_ifname, parse_ipv4, parse_mac};
 use crate::platform::Platform;
 use crate::rdma::{
-    access_mask, check_range, format_gid, from_hex, mtu_enum, parse_gid, to_hex, RtrParams,
-    RtsParams, SendRequest, Sge, Transition,
+    access_mask, check_range, format_gid, from_hex, mtu_enum, parse_gid, RtrParams, RtsParams,
+    SendRequest, Sge, Transition,
 };
 
 /// Largest agent-memory MR (the guest has little RAM).
@@ -364,7 +364,7 @@ impl<P: Platform> Agent<P> {
                 }
                 self.check_cpu_range(*mr, *offset, *length)?;
                 Ok(AgentReply::Bytes {
-                    data: to_hex(&rdma.mr_read(*mr, *offset, *length)?),
+                    data: p2prig_protocol::hex::encode(&rdma.mr_read(*mr, *offset, *length)?),
                 })
             }
             AgentOp::PostSend {

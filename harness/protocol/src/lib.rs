@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod device;
 pub mod event;
+pub mod hex;
 pub mod target;
 pub mod wire;
 
