@@ -59,6 +59,15 @@ fn library() -> Result<&'static sys::Verbs> {
 }
 
 /// An error from a verbs call that returned `rc` (an errno, or -1 with errno set).
+/// `ptr` from a verbs call that returns NULL (with errno set) on failure.
+fn created<T>(ptr: *mut T, what: &str) -> Result<*mut T> {
+    if ptr.is_null() {
+        Err(verbs_error(what, -1))
+    } else {
+        Ok(ptr)
+    }
+}
+
 fn verbs_error(what: &str, rc: i64) -> AgentError {
     let errno = if rc > 0 {
         rc as i32
@@ -402,10 +411,7 @@ impl Rdma for Verbs {
         let pd = entry.raw.with("context", |ptr| {
             // SAFETY: a live context.
             let pd = unsafe { verbs.ibv_alloc_pd(ptr) };
-            if pd.is_null() {
-                return Err(verbs_error("ibv_alloc_pd", -1));
-            }
-            Ok(pd)
+            created(pd, "ibv_alloc_pd")
         })?;
         Ok(tables.pds.insert(Arc::new(Pd {
             context,
@@ -441,10 +447,7 @@ impl Rdma for Verbs {
             let cq = unsafe {
                 verbs.ibv_create_cq(ptr, cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0)
             };
-            if cq.is_null() {
-                return Err(verbs_error("ibv_create_cq", -1));
-            }
-            Ok(cq)
+            created(cq, "ibv_create_cq")
         })?;
         Ok(tables.cqs.insert(Arc::new(Cq {
             context,
@@ -502,10 +505,7 @@ impl Rdma for Verbs {
                     init.cap.max_recv_sge = 1;
                     // SAFETY: a live PD and CQs; init is fully initialised.
                     let qp = unsafe { verbs.ibv_create_qp(pd_ptr, &mut init) };
-                    if qp.is_null() {
-                        return Err(verbs_error("ibv_create_qp", -1));
-                    }
-                    Ok(qp)
+                    created(qp, "ibv_create_qp")
                 })
             })
         })?;
@@ -632,10 +632,7 @@ impl Rdma for Verbs {
         let mr = pd_entry.raw.with("PD", |pd_ptr| {
             // SAFETY: a live PD; the buffer is ours for as long as the MR exists.
             let mr = unsafe { verbs.ibv_reg_mr(pd_ptr, buffer.ptr.cast(), len, access as i32) };
-            if mr.is_null() {
-                return Err(verbs_error("ibv_reg_mr", -1));
-            }
-            Ok(mr)
+            created(mr, "ibv_reg_mr")
         })?;
         // SAFETY: an MR just registered.
         let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
@@ -672,10 +669,7 @@ impl Rdma for Verbs {
             // SAFETY: a live PD and an open dma-buf fd (the kernel takes its own reference).
             let mr =
                 unsafe { verbs.ibv_reg_dmabuf_mr(pd_ptr, offset, len, iova, fd, access as i32) };
-            if mr.is_null() {
-                return Err(verbs_error("ibv_reg_dmabuf_mr", -1));
-            }
-            Ok(mr)
+            created(mr, "ibv_reg_dmabuf_mr")
         })?;
         // SAFETY: an MR just registered.
         let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
