@@ -106,16 +106,7 @@ fn verdict_class(v: Verdict) -> &'static str {
 }
 
 fn summary_table(report: &RunReport) -> String {
-    let mut flavors: Vec<&str> = Vec::new();
-    let mut scenarios: Vec<&str> = Vec::new();
-    for r in &report.results {
-        if !flavors.contains(&r.flavor.as_str()) {
-            flavors.push(&r.flavor);
-        }
-        if !scenarios.contains(&r.scenario.as_str()) {
-            scenarios.push(&r.scenario);
-        }
-    }
+    let (flavors, scenarios) = report.axes();
     let mut out = String::from("<table><tr><th>scenario</th>");
     for f in &flavors {
         let _ = write!(out, "<th>{}</th>", esc(f));
@@ -124,11 +115,7 @@ fn summary_table(report: &RunReport) -> String {
     for s in &scenarios {
         let _ = write!(out, "<tr><td>{}</td>", esc(s));
         for f in &flavors {
-            match report
-                .results
-                .iter()
-                .find(|r| r.scenario == *s && r.flavor == *f)
-            {
+            match report.result(s, f) {
                 Some(r) => {
                     let _ = write!(
                         out,

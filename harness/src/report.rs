@@ -108,9 +108,7 @@ pub fn flakes(reports: &[RunReport]) -> Vec<String> {
                 .iter()
                 .map(|report| {
                     report
-                        .results
-                        .iter()
-                        .find(|o| o.scenario == r.scenario && o.flavor == r.flavor)
+                        .result(&r.scenario, &r.flavor)
                         .map_or("missing", |o| o.verdict.label())
                 })
                 .collect();
@@ -148,8 +146,9 @@ impl RunReport {
         times
     }
 
-    /// Rows are scenarios, columns flavors.
-    pub fn table(&self) -> String {
+    /// The kernels and the scenarios of the run, each in the order first seen: the columns
+    /// and rows of its tables.
+    pub fn axes(&self) -> (Vec<&str>, Vec<&str>) {
         let mut flavors: Vec<&str> = Vec::new();
         let mut scenarios: Vec<&str> = Vec::new();
         for r in &self.results {
@@ -160,6 +159,19 @@ impl RunReport {
                 scenarios.push(&r.scenario);
             }
         }
+        (flavors, scenarios)
+    }
+
+    /// The result of `scenario` on kernel `flavor`, if it ran there.
+    pub fn result(&self, scenario: &str, flavor: &str) -> Option<&ScenarioResult> {
+        self.results
+            .iter()
+            .find(|r| r.scenario == scenario && r.flavor == flavor)
+    }
+
+    /// Rows are scenarios, columns flavors.
+    pub fn table(&self) -> String {
+        let (flavors, scenarios) = self.axes();
         let first = scenarios.iter().map(|s| s.len()).max().unwrap_or(8).max(8);
         let width = flavors.iter().map(|f| f.len()).max().unwrap_or(0).max(13);
         let mut out = format!("{:<first$}", "scenario");
@@ -170,12 +182,7 @@ impl RunReport {
         for s in &scenarios {
             let _ = write!(out, "{s:<first$}");
             for f in &flavors {
-                let cell = self
-                    .results
-                    .iter()
-                    .find(|r| r.scenario == *s && r.flavor == *f)
-                    .map(|r| r.verdict.label())
-                    .unwrap_or("-");
+                let cell = self.result(s, f).map(|r| r.verdict.label()).unwrap_or("-");
                 let _ = write!(out, "  {cell:<width$}");
             }
             out.push('\n');
@@ -196,8 +203,7 @@ impl RunReport {
     /// One testsuite per flavor, one testcase per scenario; only a mismatch is a failure.
     pub fn junit_xml(&self) -> String {
         let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
-        let mut flavors: Vec<&str> = self.results.iter().map(|r| r.flavor.as_str()).collect();
-        flavors.dedup();
+        let (flavors, _) = self.axes();
         for flavor in flavors {
             let cases: Vec<&ScenarioResult> =
                 self.results.iter().filter(|r| r.flavor == flavor).collect();
