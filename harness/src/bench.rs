@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use p2prig_protocol::agent::SendOpcode;
-use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp, TargetReply};
+use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp};
 
 use crate::p2p::{self, with_held_value, Held};
 use crate::rig::Rig;
@@ -158,19 +158,9 @@ fn target_write(
             imm: None,
         },
     )?;
-    match p2p::target_call(
-        rig,
-        TargetOp::PollCq {
-            qpn: Some(qpn),
-            max: Some(1),
-            wait_ms: 30_000,
-        },
-    )? {
-        TargetReply::Completions { completions } => match completions.first() {
-            Some(c) if c.status == CompletionStatus::Success => Ok(()),
-            other => bail!("target WRITE of {length} bytes: {other:?}"),
-        },
-        other => bail!("roce-target poll_cq: unexpected {other:?}"),
+    match p2p::target_poll_within(rig, qpn, 30_000)? {
+        Some(c) if c.status == CompletionStatus::Success => Ok(()),
+        other => bail!("target WRITE of {length} bytes: {other:?}"),
     }
 }
 

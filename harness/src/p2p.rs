@@ -1251,12 +1251,21 @@ pub(crate) fn target_mr(rig: &mut Rig, length: u64) -> Result<u32> {
 }
 
 fn target_poll(rig: &mut Rig, qpn: u32) -> Result<Option<TargetCompletion>> {
+    target_poll_within(rig, qpn, 5000)
+}
+
+/// The next completion of target QP `qpn`, waiting up to `wait_ms` for it.
+pub(crate) fn target_poll_within(
+    rig: &mut Rig,
+    qpn: u32,
+    wait_ms: u64,
+) -> Result<Option<TargetCompletion>> {
     match target_call(
         rig,
         TargetOp::PollCq {
             qpn: Some(qpn),
             max: Some(1),
-            wait_ms: 5000,
+            wait_ms,
         },
     )? {
         TargetReply::Completions { mut completions } => Ok(completions.pop()),
