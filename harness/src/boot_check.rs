@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
 
+use crate::checks;
 use crate::report::Suite;
 use crate::rig::Rig;
 use crate::scenario::ScenarioEnv;
@@ -32,7 +33,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         other => bail!("hello: {other:?}"),
     };
     suite.record(
-        "kernel-release",
+        checks::KERNEL_RELEASE,
         !release.trim().is_empty(),
         format!("guest kernel {release}"),
         t.elapsed(),
@@ -52,7 +53,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         Err(e) => Err(format!("bind: {e}")),
     };
     suite.record(
-        "vfio-pci-binds",
+        checks::VFIO_PCI_BINDS,
         device.is_ok(),
         match &device {
             Ok(_) => format!("{bdf} bound to vfio-pci and opened"),
@@ -64,7 +65,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let t = Instant::now();
     let link = rxe_up(rig)?;
     suite.record(
-        "rdma-link-add-rxe0",
+        checks::RDMA_LINK_ADD_RXE0,
         link.is_ok(),
         link.err().unwrap_or_else(|| "rxe0 on eth0".into()),
         t.elapsed(),
@@ -91,7 +92,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
             Err(e) => (false, format!("errno {} ({})", e.errno, e.message)),
         };
         suite.record(
-            "export-cmb-slice",
+            checks::EXPORT_CMB_SLICE,
             ok,
             format!(
                 "BAR{CMB_BAR} {SLICE_OFFSET:#x}+{SLICE_LENGTH:#x} through the {:?} uAPI: {detail}",
@@ -108,10 +109,15 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         other => bail!("dmesg: {other:?}"),
     };
     let (ok, detail) = judge_checkers(&Checkers::found_in(&dmesg), env.debug);
-    suite.record("debug-checkers-match-variant", ok, detail, t.elapsed());
+    suite.record(
+        checks::DEBUG_CHECKERS_MATCH_VARIANT,
+        ok,
+        detail,
+        t.elapsed(),
+    );
     let report = crate::console::report_excerpt(&dmesg);
     suite.record(
-        "no-kernel-report-since-boot",
+        checks::NO_KERNEL_REPORT_SINCE_BOOT,
         report.is_none(),
         report.unwrap_or_default(),
         t.elapsed(),

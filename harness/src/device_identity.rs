@@ -10,6 +10,7 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::EventKind;
 
+use crate::checks;
 use crate::report::Suite;
 use crate::rig::Rig;
 use crate::scenario::ScenarioEnv;
@@ -30,7 +31,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     };
     let class = attr(rig, &bdf, "class")?;
     suite.record(
-        "class-code",
+        checks::CLASS_CODE,
         class.trim() == NVME_CLASS,
         format!("{bdf} class {}", class.trim()),
         t.elapsed(),
@@ -43,7 +44,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let (bar2_size, bar2_flags) = bar(2);
     let mem64 = |flags: u64| flags & IORESOURCE_MEM != 0 && flags & IORESOURCE_MEM_64 != 0;
     suite.record(
-        "bar-sizes-and-types",
+        checks::BAR_SIZES_AND_TYPES,
         bar0_size == 0x4000 && mem64(bar0_flags) && bar2_size > 0 && mem64(bar2_flags) && bar(1).0 == 0,
         format!("BAR0 {bar0_size:#x} flags {bar0_flags:#x}; BAR2 {bar2_size:#x} flags {bar2_flags:#x}; BAR1 (upper half) {:#x}", bar(1).0),
         t.elapsed(),
@@ -52,7 +53,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let t = Instant::now();
     let methods = attr(rig, &bdf, "reset_method")?;
     suite.record(
-        "reset-method-lists-flr",
+        checks::RESET_METHOD_LISTS_FLR,
         methods.split_whitespace().any(|m| m == "flr"),
         format!("reset_method: {}", methods.trim()),
         t.elapsed(),
@@ -79,7 +80,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let causes = reset_causes_after(rig, since, Duration::from_secs(5))?;
     let flr = causes.iter().any(|c| c == "flr");
     suite.record(
-        "sysfs-reset-is-an-flr",
+        checks::SYSFS_RESET_IS_AN_FLR,
         reset.is_ok() && flr,
         format!("write 1 to reset: {reset:?}; device resets since: {causes:?}"),
         t.elapsed(),
@@ -90,7 +91,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let result = cmb_registers(rig, device, bar2_size);
     let _ = rig.agent_call(AgentOp::VfioClose { device }, RPC)?;
     let (ok, detail) = result?;
-    suite.record("cmb-registers-describe-bar2", ok, detail, t.elapsed());
+    suite.record(checks::CMB_REGISTERS_DESCRIBE_BAR2, ok, detail, t.elapsed());
     Ok(())
 }
 

@@ -9,9 +9,10 @@ use anyhow::{bail, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
 
+use crate::checks::{self, CheckId};
 use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::{Defect, Expect, ScenarioEnv, Target};
+use crate::scenario::ScenarioEnv;
 use p2prig_protocol::agent::DmabufUapi;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,20 +24,9 @@ const ENODEV: i32 = libc::ENODEV;
 const ROM_INDEX: u32 = 6;
 const CONFIG_INDEX: u32 = 7;
 
-pub fn expect(target: Target) -> Expect {
-    match target.flavor {
-        "v1" | "v1-fixed" => Expect::Fail(Defect {
-            reason: "B4: the seed's uAPI treats length 0 with a non-zero offset as a zero-size slice and \
-             exports an empty dma-buf (not among v1-fixes: upstream's range uAPI rejects it)",
-            shows_as: &["zero-length-at-offset"],
-        }),
-        _ => Expect::Pass,
-    }
-}
-
 /// One export attempt and what it must give.
 struct Case {
-    name: &'static str,
+    name: CheckId,
     bar: u32,
     offset: u64,
     length: u64,
@@ -74,7 +64,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
     }
     let cases = [
         Case {
-            name: "whole-bar0",
+            name: checks::WHOLE_BAR0,
             bar: 0,
             offset: 0,
             length: bar0,
@@ -82,7 +72,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: Some(bar0),
         },
         Case {
-            name: "doorbell-page",
+            name: checks::DOORBELL_PAGE,
             bar: 0,
             offset: PAGE,
             length: PAGE,
@@ -90,7 +80,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: Some(PAGE),
         },
         Case {
-            name: "cmb-slice",
+            name: checks::CMB_SLICE,
             bar: 2,
             offset: PAGE,
             length: 2 * PAGE,
@@ -98,7 +88,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: Some(2 * PAGE),
         },
         Case {
-            name: "whole-cmb",
+            name: checks::WHOLE_CMB,
             bar: 2,
             offset: 0,
             length: cmb,
@@ -106,7 +96,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: Some(cmb),
         },
         Case {
-            name: "unaligned-offset",
+            name: checks::UNALIGNED_OFFSET,
             bar: 0,
             offset: PAGE + 4,
             length: PAGE,
@@ -114,7 +104,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "unaligned-length",
+            name: checks::UNALIGNED_LENGTH,
             bar: 0,
             offset: PAGE,
             length: PAGE / 2,
@@ -122,7 +112,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "offset-past-end",
+            name: checks::OFFSET_PAST_END,
             bar: 0,
             offset: bar0,
             length: PAGE,
@@ -130,7 +120,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "length-overflow",
+            name: checks::LENGTH_OVERFLOW,
             bar: 0,
             offset: PAGE,
             length: bar0,
@@ -138,7 +128,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "length-wraps",
+            name: checks::LENGTH_WRAPS,
             bar: 0,
             offset: PAGE,
             length: u64::MAX - PAGE + 1,
@@ -146,7 +136,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "rom-index",
+            name: checks::ROM_INDEX,
             bar: ROM_INDEX,
             offset: 0,
             length: PAGE,
@@ -154,7 +144,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "config-index",
+            name: checks::CONFIG_INDEX,
             bar: CONFIG_INDEX,
             offset: 0,
             length: PAGE,
@@ -163,7 +153,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
         },
         // BAR1 is the upper half of 64-bit BAR0 and BAR4 is not implemented: no resource.
         Case {
-            name: "bar1-upper-half",
+            name: checks::BAR1_UPPER_HALF,
             bar: 1,
             offset: 0,
             length: PAGE,
@@ -171,7 +161,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "absent-bar4",
+            name: checks::ABSENT_BAR4,
             bar: 4,
             offset: 0,
             length: PAGE,
@@ -179,7 +169,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             want_size: None,
         },
         Case {
-            name: "zero-length-at-offset",
+            name: checks::ZERO_LENGTH_AT_OFFSET,
             bar: 0,
             offset: PAGE,
             length: 0,
@@ -238,7 +228,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
     }
     let fds_after = open_fds(rig)?;
     suite.record(
-        "no-fd-leaked",
+        checks::NO_FD_LEAKED,
         fds_after == fds_before,
         format!("the agent held {fds_before} fds before the exports and {fds_after} after"),
         Duration::ZERO,
@@ -283,17 +273,6 @@ fn region_size(rig: &mut Rig, device: u32, index: u32) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seed_flavors_are_expected_to_show_b4_and_upstream_to_pass() {
-        let on = |flavor| Target {
-            flavor,
-            debug: false,
-        };
-        assert!(matches!(expect(on("v1")), Expect::Fail(d) if d.reason.starts_with("B4")));
-        assert!(matches!(expect(on("v1-fixed")), Expect::Fail(_)));
-        assert_eq!(expect(on("upstream")), Expect::Pass);
-    }
 
     #[test]
     fn upstream_says_enodev_for_a_region_that_is_no_claimed_bar() {

@@ -151,7 +151,14 @@ fn section(r: &ScenarioResult) -> String {
     match r.expect {
         Expect::Pass => out.push_str("<p>Expected to pass.</p>\n"),
         Expect::Fail(why) => {
-            let _ = writeln!(out, "<p>Expected to fail: {}</p>", esc(why.reason));
+            let shows_as: Vec<&str> = why.shows_as.iter().map(|c| c.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "<p>Expected to fail: {}. {} (shows in {})</p>",
+                esc(&why.to_string()),
+                esc(&why.defect.mechanism),
+                esc(&shows_as.join(", "))
+            );
         }
     }
     out.push_str("<table><tr><th>check</th><th>result</th><th>detail</th></tr>\n");
@@ -159,7 +166,7 @@ fn section(r: &ScenarioResult) -> String {
         let _ = writeln!(
             out,
             "<tr><td>{}</td><td class=\"{}\">{}</td><td><pre>{}</pre></td></tr>",
-            esc(&c.name),
+            esc(c.name.as_str()),
             if c.passed { "ok" } else { "bad" },
             if c.passed { "PASS" } else { "FAIL" },
             esc(&c.detail)

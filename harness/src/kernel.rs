@@ -257,6 +257,9 @@ pub struct Flavor {
     pub series: Vec<String>,
     #[serde(default)]
     pub fragments: Vec<String>,
+    /// The scenarios this flavor is expected to fail and why (crate::expectations).
+    #[serde(default)]
+    pub expected_failure: Vec<crate::expectations::FailureEntry>,
 }
 
 /// kernel-patches/sources/<name>.toml

@@ -6,13 +6,16 @@ mod bench;
 mod boot_check;
 mod byo;
 mod cache;
+mod checks;
 mod client;
 mod console;
 mod device_identity;
+mod expectations;
 mod export_args;
 mod html;
 mod image;
 mod kernel;
+mod list;
 mod p2p;
 mod paths;
 mod process;
@@ -59,8 +62,13 @@ enum Cmd {
     },
     /// Boot the rig on a kernel and run a scenario.
     Run(RunArgs),
-    /// List the scenarios.
-    List,
+    /// List the scenarios, the kernel flavors, the known defects and what each scenario is
+    /// expected to do on each flavor and variant.
+    List {
+        /// Print it as JSON (scenarios x flavors x variants with defect ids and checks).
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the rig's performance figures in one boot (boot time, RDMA WRITE latency and
     /// throughput into ordinary and CMB memory, in-guest loopback); reports, asserts nothing.
     Bench(BenchArgs),
@@ -220,33 +228,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             eprintln!("build finished in {:.1} s", started.elapsed().as_secs_f64());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::List => {
-            println!("scenarios:");
-            for s in scenario::SCENARIOS {
-                println!("  {:<24} {}", s.name, s.summary);
-                for flavor in kernel::flavor_names()? {
-                    let on = |debug| {
-                        (s.expect)(scenario::Target {
-                            flavor: &flavor,
-                            debug,
-                        })
-                    };
-                    let (tiny, debug) = (on(false), on(true));
-                    if let scenario::Expect::Fail(why) = tiny {
-                        println!("  {:<24}   expected to fail on {flavor}: {why}", "");
-                    }
-                    if let (scenario::Expect::Fail(why), true) = (debug, debug != tiny) {
-                        println!("  {:<24}   expected to fail on {flavor}:debug: {why}", "");
-                    }
-                }
-            }
-            println!("kernel flavors (each FLAVOR:tiny or FLAVOR:debug):");
-            for name in kernel::flavor_names()? {
-                match kernel::load_flavor(&name) {
-                    Ok(flavor) => println!("  {name:<12} {}", flavor.description),
-                    Err(e) => println!("  {name:<12} (unreadable: {e:#})"),
-                }
-            }
+        Cmd::List { json } => {
+            list::print(json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(args) => run(&cache, args),
@@ -255,6 +238,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
+    // A bad flavor or defects file stops the run before anything is built.
+    expectations::get()?;
     let scenarios = scenario::select(&args.scenario)?;
     let kernels = kernels_of(&args)?;
     let boots = runner::boots(&kernels, &scenarios, args.debug_variants);

@@ -17,10 +17,11 @@ use p2prig_protocol::target::{
     Completion as TargetCompletion, CompletionStatus, QpSettings, Sge, TargetOp, TargetReply,
 };
 
+use crate::checks;
 use crate::export_args::open_nvme;
 use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::{Defect, Expect, ScenarioEnv, Target};
+use crate::scenario::ScenarioEnv;
 
 pub(crate) const RPC: Duration = Duration::from_secs(30);
 pub(crate) const PAGE: u64 = 0x1000;
@@ -563,10 +564,6 @@ fn status_text(c: &Option<Completion>) -> String {
 
 // ---------------------------------------------------------------- p2p-doorbell
 
-pub fn expect_doorbell(_: Target) -> Expect {
-    Expect::Pass
-}
-
 /// QP A writes 7 (8 bytes) into QP B's dma-buf MR over BAR0's doorbell page at SQ1TDBL: the
 /// device must log exactly that write.
 pub fn run_doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
@@ -584,7 +581,7 @@ fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     // First, while nothing else holds the device open (the group is exclusive).
     let refused = import_without_pci_function(rig, env)?;
     suite.record(
-        "rxe-without-a-pci-function-refuses-with-eopnotsupp",
+        checks::RXE_WITHOUT_A_PCI_FUNCTION_REFUSES_WITH_EOPNOTSUPP,
         matches!(&refused, Err(e) if e.errno == libc::EOPNOTSUPP),
         format!("reg_dmabuf_mr on rxe over lo: {refused:?}"),
         t.elapsed(),
@@ -592,7 +589,7 @@ fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     let t = Instant::now();
     let setup = doorbell_mr(rig, env, held);
     suite.record(
-        "reg-dmabuf-mr-over-the-doorbell-page",
+        checks::REG_DMABUF_MR_OVER_THE_DOORBELL_PAGE,
         setup.is_ok(),
         match &setup {
             Ok(d) => format!("rkey {:#x} over BAR0 {PAGE:#x}+{PAGE:#x}", d.rkey),
@@ -604,13 +601,13 @@ fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     let t = Instant::now();
     let r = ring(rig, &d.lb, d.rkey, 7, 1)?;
     suite.record(
-        "rdma-write-completes",
+        checks::RDMA_WRITE_COMPLETES,
         r.succeeded(),
         status_text(&r.completion),
         t.elapsed(),
     );
     suite.record(
-        "device-sees-one-doorbell-write",
+        checks::DEVICE_SEES_ONE_DOORBELL_WRITE,
         r.landed(),
         r.detail(),
         t.elapsed(),
@@ -674,17 +671,6 @@ pub(crate) fn export(
 
 // ---------------------------------------------------------------- stray PCI_COMMAND write
 
-pub fn expect_stray_command(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason: "B1: any PCI_COMMAND write with the memory bit set runs the seed's move(false), which \
-             with the inverted flag revokes the live importer: its next write is refused",
-            shows_as: &["importer-undisturbed"],
-        }),
-        _ => Expect::Pass,
-    }
-}
-
 /// Setting bus-master in PCI_COMMAND (memory decode stays on) must not disturb a live
 /// importer: a write after it lands like the one before it.
 pub fn run_stray_command_write(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
@@ -703,7 +689,7 @@ fn stray_command_write(
     } = doorbell_mr(rig, env, held)?;
     let before = ring(rig, &lb, rkey, 3, 1)?;
     suite.record(
-        "write-lands-before",
+        checks::WRITE_LANDS_BEFORE,
         before.landed(),
         before.detail(),
         t.elapsed(),
@@ -725,7 +711,7 @@ fn stray_command_write(
     )?;
     let after = config_read(rig, device, 4, 2)?;
     suite.record(
-        "decode-stays-on",
+        checks::DECODE_STAYS_ON,
         after & 0x2 != 0,
         format!("PCI_COMMAND {command:#06x} -> {after:#06x}"),
         t.elapsed(),
@@ -733,7 +719,7 @@ fn stray_command_write(
     let t = Instant::now();
     let after = ring(rig, &lb, rkey, 4, 2)?;
     suite.record(
-        "importer-undisturbed",
+        checks::IMPORTER_UNDISTURBED,
         after.landed(),
         after.detail(),
         t.elapsed(),
@@ -745,22 +731,6 @@ fn stray_command_write(
 
 const CMB_SLICE_OFFSET: u64 = 0x1000;
 const CMB_SLICE_LENGTH: u64 = 0x2000;
-
-pub fn expect_cmb(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason:
-                "B2: the seed never sets priv->index, so a slice of BAR2 (the CMB) is mapped from \
-             BAR0 (the registers and doorbells): the importer's accesses land in the wrong BAR",
-            shows_as: &[
-                "write-lands-at-bar2-slice-offset",
-                "rdma-read-returns-the-cmb-pattern",
-                "rdma-write-shows-in-the-cmb",
-            ],
-        }),
-        _ => Expect::Pass,
-    }
-}
 
 /// slice-routing: a write at MR offset k of a CMB slice lands at (BAR2, slice offset + k).
 pub fn run_slice_routing(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
@@ -779,7 +749,7 @@ pub fn run_slice_routing(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) ->
             1,
         )?;
         suite.record(
-            "write-completes",
+            checks::WRITE_COMPLETES,
             matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS),
             status_text(&wc),
             t.elapsed(),
@@ -806,7 +776,7 @@ pub fn run_slice_routing(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) ->
             .filter(|e| !matches!(&e.kind, EventKind::Bar { bar: 2, .. }))
             .collect();
         suite.record(
-            "write-lands-at-bar2-slice-offset",
+            checks::WRITE_LANDS_AT_BAR2_SLICE_OFFSET,
             routed && strays.is_empty(),
             format!("want BAR2+{want:#x}; device writes: {}", describe(&events)),
             Duration::ZERO,
@@ -856,7 +826,7 @@ pub fn run_cmb_roundtrip(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) ->
         };
         let want = pattern.repeat(length / (pattern.len() / 2));
         suite.record(
-            "rdma-read-returns-the-cmb-pattern",
+            checks::RDMA_READ_RETURNS_THE_CMB_PATTERN,
             matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS) && read == want,
             format!(
                 "{}; read {}...",
@@ -878,7 +848,7 @@ pub fn run_cmb_roundtrip(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) ->
         };
         let want: String = data.iter().map(|b| format!("{b:02x}")).collect();
         suite.record(
-            "rdma-write-shows-in-the-cmb",
+            checks::RDMA_WRITE_SHOWS_IN_THE_CMB,
             matches!(&wc, Some(c) if c.status == IBV_WC_SUCCESS) && cmb == want,
             format!(
                 "{}; CMB+{:#x}: {cmb}",
@@ -1073,10 +1043,6 @@ fn target_complete(rig: &mut Rig, posted: TargetPosted) -> Result<Option<TargetC
     completion
 }
 
-pub fn expect_remote_doorbell(_: Target) -> Expect {
-    Expect::Pass
-}
-
 /// roce-target (the RDMA NIC's peer) writes 7 into the guest's dma-buf MR over BAR0's
 /// doorbell page at SQ1TDBL: rxe, the importer, must turn it into exactly that doorbell write.
 pub fn run_remote_doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
@@ -1100,14 +1066,14 @@ fn remote_doorbell(
     let (completion, events) = target_ring(rig, target_qpn, rkey, 7, 1)?;
     let acked = matches!(&completion, Some(c) if c.status == CompletionStatus::Success);
     suite.record(
-        "target-write-is-acked",
+        checks::TARGET_WRITE_IS_ACKED,
         acked,
         format!("{completion:?} (target qpn {target_qpn})"),
         t.elapsed(),
     );
     let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
-        "device-sees-one-doorbell-write",
+        checks::DEVICE_SEES_ONE_DOORBELL_WRITE,
         value == Some(7) && only_these && !events.is_empty(),
         format!("at BAR0+{SQ1TDBL:#x}: {}", describe(&events)),
         Duration::ZERO,
@@ -1126,25 +1092,6 @@ const MAP_CYCLES: u32 = 32;
 const REMAP_CYCLES: u32 = 16;
 /// Long enough for rxe's re-map work (first attempt at once, retries after 10 and 100 ms).
 const REMAP_SETTLE: Duration = Duration::from_millis(250);
-
-pub fn expect_map_leak(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason:
-                "B3: the seed's map sets sgt->orig_nents = 0, so unmap's sg_free_table() frees \
-             nothing and every map/unmap cycle leaks the scatterlist (kmemleak reports it)",
-            shows_as: &["kmemleak-finds-nothing"],
-        }),
-        "upstream" => Expect::Fail(Defect {
-            reason:
-                "U1 (found by p2prig): 7.3's dma_buf_phys_vec_to_sgt() sets orig_nents = 0 and \
-             dma_buf_free_sgt() frees by it, so B3 survives in the shared helper: every map/unmap \
-             of a vfio-pci dma-buf leaks its scatterlist (fixed in flavor upstream-fixed)",
-            shows_as: &["kmemleak-finds-nothing"],
-        }),
-        _ => Expect::Pass,
-    }
-}
 
 pub fn run_map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     with_held(rig, |rig, held| map_leak(rig, env, suite, held))
@@ -1179,7 +1126,7 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
         }
     }
     suite.record(
-        "map-unmap-cycles",
+        checks::MAP_UNMAP_CYCLES,
         cycles == MAP_CYCLES,
         format!("{cycles} of {MAP_CYCLES} registrations succeeded"),
         t.elapsed(),
@@ -1196,7 +1143,7 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     }
     let after = ring(rig, &lb, rkey, 21, 1)?;
     suite.record(
-        "revoke-remap-cycles-end-with-a-working-mr",
+        checks::REVOKE_REMAP_CYCLES_END_WITH_A_WORKING_MR,
         after.landed(),
         format!(
             "{REMAP_CYCLES} decode off/on cycles; then {}",
@@ -1212,7 +1159,7 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     let report = kmemleak(rig, KmemleakCommand::Scan)?;
     let leaks = report.matches("unreferenced object").count();
     suite.record(
-        "kmemleak-finds-nothing",
+        checks::KMEMLEAK_FINDS_NOTHING,
         leaks == 0,
         format!(
             "{leaks} unreferenced objects; {}",
@@ -1224,10 +1171,6 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
 }
 
 // ---------------------------------------------------------------- remote verbs
-
-pub fn expect_remote_verbs(_: Target) -> Expect {
-    Expect::Pass
-}
 
 /// roce-target against the guest's rxe on an ordinary MR: WRITE, READ back, SEND into a
 /// posted receive, then a WRITE with the rkey of a deregistered MR, which must be NAKed with
@@ -1329,7 +1272,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     let wc = target_poll(rig, target_qpn)?;
     let landed = guest_bytes(rig, mr, 0, 16)?;
     suite.record(
-        "target-write-into-guest-mr",
+        checks::TARGET_WRITE_INTO_GUEST_MR,
         matches!(&wc, Some(c) if c.status == CompletionStatus::Success) && landed == pattern,
         format!("{wc:?}; guest MR: {landed}"),
         t.elapsed(),
@@ -1359,7 +1302,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
         other => bail!("roce-target mr_read: unexpected {other:?}"),
     };
     suite.record(
-        "target-reads-it-back",
+        checks::TARGET_READS_IT_BACK,
         matches!(&wc, Some(c) if c.status == CompletionStatus::Success) && read == pattern,
         format!("{wc:?}; read {read}"),
         t.elapsed(),
@@ -1392,7 +1335,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     let received = poll_one(rig, cq, 5000)?;
     let data = guest_bytes(rig, mr, 256, 16)?;
     suite.record(
-        "target-send-into-posted-receive",
+        checks::TARGET_SEND_INTO_POSTED_RECEIVE,
         matches!(&sent, Some(c) if c.status == CompletionStatus::Success)
             && matches!(&received, Some(c) if c.status == IBV_WC_SUCCESS && c.byte_len == 16 && c.wr_id == 7)
             && data == pattern,
@@ -1419,7 +1362,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
         other => bail!("roce-target query_qp: unexpected {other:?}"),
     };
     suite.record(
-        "write-to-deregistered-rkey-is-nak-0x62",
+        checks::WRITE_TO_DEREGISTERED_RKEY_IS_NAK_0X62,
         matches!(&wc, Some(c) if c.status == CompletionStatus::RemoteAccessError && c.nak_code == Some(0x62))
             && state.eq_ignore_ascii_case("error"),
         format!("{wc:?}; target QP {state}"),
@@ -1435,7 +1378,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     };
     let (decoded, detail) = tshark_check(Path::new(&pcap));
     suite.record(
-        "pcap-decodes-cleanly",
+        checks::PCAP_DECODES_CLEANLY,
         frames > 0 && decoded,
         format!("{frames} frames in {pcap}: {detail}"),
         t.elapsed(),
@@ -1527,79 +1470,6 @@ impl Window {
             self,
             Window::VfioReset | Window::ConfigFlr | Window::HotReset
         )
-    }
-}
-
-const B1_RESET: Defect = Defect {
-    reason: "B1: the seed's revoke flag is inverted, so a reset revokes nothing: the \
-    importer's write inside the reset completes as if it landed (QEMU drops it, decode being \
-    off during the reset), and after the reset the re-map fails (-ENODEV) and the MR stays dead",
-    shows_as: &[
-        "write-in-window-gets-remote-access-error",
-        "target-write-in-window-is-nak-0x62",
-        "importer-maps-again-after-restore",
-        "target-write-lands-after-restore",
-    ],
-};
-
-pub fn expect_revoke_reset(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(B1_RESET),
-        _ => Expect::Pass,
-    }
-}
-
-pub fn expect_revoke_hot_reset(target: Target) -> Expect {
-    match (target.flavor, target.debug) {
-        ("v1", _) => Expect::Fail(B1_RESET),
-        ("upstream", true) => Expect::Fail(Defect {
-            reason:
-                "U2 (found by p2prig): 7.3's rxe_receiver() frees the queued packets of a QP in \
-             error under qp->state_lock with interrupts off; the guest is frozen during the bus \
-             reset, the target retransmits into the QP its NAK errored, and freeing those \
-             virtio-net page-pool skbs warns (page_pool, softirq) and lockdep reports an \
-             inconsistent lock state (fixed in upstream-fixed)",
-            shows_as: &["guest-console-clean"],
-        }),
-        _ => Expect::Pass,
-    }
-}
-
-pub fn expect_revoke_decode(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason: "B1: with the inverted flag, clearing memory decode revokes nothing (the importer's \
-             write to the non-decoding function completes successfully) and setting decode \
-             again kills the importer",
-            shows_as: &["write-in-window-gets-remote-access-error", "target-write-in-window-is-nak-0x62"],
-        }),
-        _ => Expect::Pass,
-    }
-}
-
-pub fn expect_revoke_d3(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason: "the seed does not revoke on D3 entry: the importer's write to a function in \
-             D3hot completes successfully",
-            shows_as: &[
-                "write-in-window-gets-remote-access-error",
-                "target-write-in-window-is-nak-0x62",
-            ],
-        }),
-        _ => Expect::Pass,
-    }
-}
-
-pub fn expect_revoke_close(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason: "B1, close ordering: vfio_pci_core_disable() runs before the dma-buf cleanup, which \
-             then marks the buffer usable and notifies; the importer's re-map dereferences the \
-             cleared priv->vdev (NULL-pointer oops)",
-            shows_as: &["guest-console-clean"],
-        }),
-        _ => Expect::Pass,
     }
 }
 
@@ -1772,7 +1642,7 @@ fn revoke_window(
     } = doorbell_mr(rig, env, held)?;
     let before = ring(rig, &lb, rkey, 1, 1)?;
     suite.record(
-        "write-lands-before-the-window",
+        checks::WRITE_LANDS_BEFORE_THE_WINDOW,
         before.landed(),
         before.detail(),
         t.elapsed(),
@@ -1807,14 +1677,14 @@ fn revoke_window(
     let posted_ns = crate::client::mono_ns();
     let (wc, refused_guest_ns) = poll_one_stamped(rig, lb.cq_a, 5000)?;
     suite.record(
-        "write-in-window-gets-remote-access-error",
+        checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR,
         matches!(&wc, Some(c) if c.status == IBV_WC_REM_ACCESS_ERR),
         status_text(&wc),
         t.elapsed(),
     );
     let target_wc = target_complete(rig, target_posted)?;
     suite.record(
-        "target-write-in-window-is-nak-0x62",
+        checks::TARGET_WRITE_IN_WINDOW_IS_NAK_0X62,
         matches!(&target_wc, Some(c) if c.status == CompletionStatus::RemoteAccessError
             && c.nak_code == Some(0x62)),
         format!("{target_wc:?}"),
@@ -1832,7 +1702,7 @@ fn revoke_window(
         // until the ioctl returns, after vfio-pci restored the function. Both stamps are the
         // guest's clock.
         suite.record(
-            "write-refused-before-the-hot-reset-returned",
+            checks::WRITE_REFUSED_BEFORE_THE_HOT_RESET_RETURNED,
             matches!((refused_guest_ns, returned_guest_ns), (Some(r), Some(e)) if r < e),
             format!(
                 "loopback completion polled at {refused_guest_ns:?} ns, hot reset ioctl \
@@ -1843,7 +1713,7 @@ fn revoke_window(
     } else if window != Window::DeviceClose {
         let window_end = window_end_ns(&events_since(rig, window_seq)?, window);
         suite.record(
-            "window-was-open-when-the-writes-were-posted",
+            checks::WINDOW_WAS_OPEN_WHEN_THE_WRITES_WERE_POSTED,
             window_end.is_some_and(|end| end > posted_ns.max(target_posted_ns)),
             format!(
                 "loopback write posted by {posted_ns} ns, target write by {target_posted_ns} ns, \
@@ -1865,7 +1735,7 @@ fn revoke_window(
         })
         .collect();
     suite.record(
-        "no-importer-access-reaches-the-device",
+        checks::NO_IMPORTER_ACCESS_REACHES_THE_DEVICE,
         reached.is_empty(),
         if reached.is_empty() {
             "none".into()
@@ -1880,7 +1750,7 @@ fn revoke_window(
         // Nothing comes back after close; what must hold is that the MR can still go.
         let dereg = rig.agent_call(AgentOp::DeregMr { mr }, RPC)?;
         suite.record(
-            "dereg-after-close-is-safe",
+            checks::DEREG_AFTER_CLOSE_IS_SAFE,
             dereg.is_ok(),
             format!("{dereg:?}"),
             t.elapsed(),
@@ -1891,7 +1761,7 @@ fn revoke_window(
     let lb = reconnect(rig, context, &lb, held)?;
     let after = ring(rig, &lb, rkey, 11, 3)?;
     suite.record(
-        "importer-maps-again-after-restore",
+        checks::IMPORTER_MAPS_AGAIN_AFTER_RESTORE,
         after.landed(),
         after.detail(),
         t.elapsed(),
@@ -1901,7 +1771,7 @@ fn revoke_window(
     let (target_wc, events) = target_ring(rig, target_qpn, rkey, 12, 4)?;
     let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
-        "target-write-lands-after-restore",
+        checks::TARGET_WRITE_LANDS_AFTER_RESTORE,
         matches!(&target_wc, Some(c) if c.status == CompletionStatus::Success)
             && value == Some(12)
             && only_these,

@@ -15,13 +15,14 @@ use p2prig_protocol::device::DeviceOp;
 use p2prig_protocol::event::EventKind;
 use p2prig_protocol::wire::ErrorReply;
 
+use crate::checks;
 use crate::p2p::{
     alloc_pd, clear_memory_decode, doorbell_mr, events_since, expect_done, export, last_seq,
     open_device, rdma_up, reg_dmabuf, ring, with_held, with_held_value, Held, PAGE, RPC,
 };
 use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::{Defect, Expect, ScenarioEnv, Target};
+use crate::scenario::ScenarioEnv;
 
 /// How the second operation's start is placed relative to the first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,19 +188,6 @@ impl fmt::Display for Calibration {
     }
 }
 
-pub fn expect(target: Target) -> Expect {
-    match target.flavor {
-        "v1" => Expect::Fail(Defect {
-            reason:
-                "B1, close ordering: when the device fd closes while the MR is still registered, \
-             the seed's cleanup runs after vfio_pci_core_disable() and notifies the importer, \
-             whose re-map dereferences the cleared priv->vdev (NULL-pointer oops)",
-            shows_as: &["guest-console-clean"],
-        }),
-        _ => Expect::Pass,
-    }
-}
-
 pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     with_held(rig, |rig, held| races(rig, env, suite, held))
 }
@@ -220,7 +208,7 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
     expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
     let (calibration, failures, took) = result?;
     suite.record(
-        "every-racing-call-succeeded",
+        checks::EVERY_RACING_CALL_SUCCEEDED,
         failures.is_empty(),
         format!(
             "seed {:#x} (--seed replays it), {ITERATIONS} iterations timed against {calibration}; {}",
@@ -241,7 +229,7 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
         .map(|e| serde_json::to_string(e).unwrap_or_default())
         .collect();
     suite.record(
-        "no-bar-access-during-the-races",
+        checks::NO_BAR_ACCESS_DURING_THE_RACES,
         touched.is_empty(),
         if touched.is_empty() {
             "none".to_string()
@@ -255,7 +243,7 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
     let d = doorbell_mr(rig, env, held)?;
     let after = ring(rig, &d.lb, d.rkey, 13, 1)?;
     suite.record(
-        "a-new-mr-works-after-the-races",
+        checks::A_NEW_MR_WORKS_AFTER_THE_RACES,
         after.landed(),
         after.detail(),
         t.elapsed(),

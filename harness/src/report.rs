@@ -7,13 +7,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::checks::CheckId;
+
 #[cfg(test)]
-use crate::scenario::Defect;
+use crate::expectations::ExpectedFailure;
 use crate::scenario::{Expect, Verdict};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
-    pub name: String,
+    pub name: CheckId,
     pub passed: bool,
     pub detail: String,
     #[serde(serialize_with = "secs")]
@@ -29,7 +31,7 @@ pub struct Suite {
 impl Suite {
     pub fn record(
         &mut self,
-        name: &str,
+        name: CheckId,
         passed: bool,
         detail: impl Into<String>,
         duration: Duration,
@@ -42,7 +44,7 @@ impl Suite {
             println!("    {word} {name}: {detail}");
         }
         self.checks.push(Check {
-            name: name.to_string(),
+            name,
             passed,
             detail,
             duration,
@@ -239,7 +241,11 @@ impl RunReport {
                             }
                             Expect::Fail(why) => format!(
                                 "expected to fail ({why}) in {}, but failed elsewhere",
-                                why.shows_as.join(" or ")
+                                why.shows_as
+                                    .iter()
+                                    .map(|c| c.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(" or ")
                             ),
                         };
                         let _ = write!(
@@ -253,7 +259,7 @@ impl RunReport {
                         let _ = write!(
                             xml,
                             "\n      <system-out>reproduced: {}</system-out>\n    ",
-                            escape(why.reason)
+                            escape(&why.to_string())
                         );
                     }
                     (Verdict::Skipped, _) => {
@@ -296,10 +302,11 @@ fn escape(text: &str) -> String {
 pub(crate) mod tests {
     use super::*;
 
-    const B1: Defect = Defect {
-        reason: "B1",
-        shows_as: &["shown"],
-    };
+    const SHOWN: CheckId = crate::checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR;
+
+    fn b1() -> ExpectedFailure {
+        crate::expectations::test_failure("B1", &[SHOWN])
+    }
 
     pub(crate) fn result(
         scenario: &str,
@@ -312,7 +319,7 @@ pub(crate) mod tests {
             flavor: flavor.into(),
             expect,
             passed,
-            verdict: Verdict::judge(expect, if passed { &[] } else { &["shown"] }, false),
+            verdict: Verdict::judge(expect, if passed { &[] } else { &[SHOWN] }, false),
             note: if passed {
                 String::new()
             } else {
@@ -333,7 +340,7 @@ pub(crate) mod tests {
             boots: Vec::new(),
             results: vec![
                 result("smoke", "v1:tiny", Expect::Pass, true),
-                result("revoke-on-flr", "v1:tiny", Expect::Fail(B1), false),
+                result("revoke-on-flr", "v1:tiny", Expect::Fail(b1()), false),
                 result("smoke", "v1-fixed:tiny", Expect::Pass, false),
             ],
         }
@@ -354,7 +361,7 @@ pub(crate) mod tests {
         let steady = report();
         assert!(flakes(&[steady.clone(), report(), report()]).is_empty());
         let mut changed = report();
-        changed.results[1] = result("revoke-on-flr", "v1:tiny", Expect::Fail(B1), true);
+        changed.results[1] = result("revoke-on-flr", "v1:tiny", Expect::Fail(b1()), true);
         assert_eq!(
             flakes(&[steady, changed]),
             ["revoke-on-flr on v1:tiny: expected-fail, MISMATCH"]
@@ -398,7 +405,8 @@ pub(crate) mod tests {
     fn json_carries_expectation_and_verdict() -> Result<()> {
         let text = serde_json::to_string(&report())?;
         assert!(text.contains(
-            "\"expect\":\"fail\",\"defect\":{\"reason\":\"B1\",\"shows_as\":[\"shown\"]}"
+            "\"expect\":\"fail\",\"defect\":{\"id\":\"B1\",\"title\":\"a test defect\",\
+             \"shows_as\":[\"write-in-window-gets-remote-access-error\"]}"
         ));
         assert!(text.contains("\"verdict\":\"expected_fail\""));
         Ok(())

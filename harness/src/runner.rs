@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::cache::Cache;
+use crate::checks::{self, CheckId};
 use crate::console;
 use crate::kernel::{self, KernelChoice};
 use crate::process;
@@ -67,6 +68,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
         boots: Vec::new(),
         results: Vec::new(),
     };
+    let expectations = crate::expectations::get()?;
     let total: usize = plan.boots.iter().map(|(_, s)| s.len()).sum();
     let started = Instant::now();
     let mut index = 0;
@@ -92,10 +94,13 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 scenario.name,
                 started.elapsed().as_secs_f64()
             );
-            let expect = (scenario.expect)(Target {
-                flavor: spec.expectation_key(),
-                debug: env.debug,
-            });
+            let expect = expectations.expect(
+                scenario.name,
+                Target {
+                    flavor: spec.expectation_key(),
+                    debug: env.debug,
+                },
+            );
             let scenario_started = Instant::now();
             let mut result = ScenarioResult {
                 scenario: scenario.name.to_string(),
@@ -160,7 +165,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                     process::check_interrupted()?;
                     if let Err(e) = outcome {
                         suite.record(
-                            "scenario-completed",
+                            checks::SCENARIO_COMPLETED,
                             false,
                             format!("{e:#}"),
                             scenario_started.elapsed(),
@@ -168,10 +173,13 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                     }
                     let text = console_since(r, console_mark);
                     match console::report_excerpt(&text) {
-                        Some(excerpt) => {
-                            suite.record("guest-console-clean", false, excerpt, Duration::ZERO)
-                        }
-                        None => suite.record("guest-console-clean", true, "", Duration::ZERO),
+                        Some(excerpt) => suite.record(
+                            checks::GUEST_CONSOLE_CLEAN,
+                            false,
+                            excerpt,
+                            Duration::ZERO,
+                        ),
+                        None => suite.record(checks::GUEST_CONSOLE_CLEAN, true, "", Duration::ZERO),
                     }
                     if !r.healthy() {
                         println!("    the guest is gone or crashed; the next scenario reboots");
@@ -180,15 +188,15 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 }
                 None => {
                     let why = boot_failure.clone().unwrap_or_default();
-                    suite.record("boot", false, why, Duration::ZERO);
+                    suite.record(checks::BOOT, false, why, Duration::ZERO);
                 }
             }
             result.passed = suite.failures() == 0;
-            let failed: Vec<&str> = suite
+            let failed: Vec<CheckId> = suite
                 .checks
                 .iter()
                 .filter(|c| !c.passed)
-                .map(|c| c.name.as_str())
+                .map(|c| c.name)
                 .collect();
             result.verdict = Verdict::judge(expect, &failed, plan.strict);
             result.note = suite

@@ -6,42 +6,11 @@ use serde::Serialize;
 
 use p2prig_protocol::agent::DmabufUapi;
 
+use crate::checks::CheckId;
 use crate::report::Suite;
 use crate::rig::Rig;
 
-/// What a scenario is expected to do on a flavor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(tag = "expect", content = "defect", rename_all = "snake_case")]
-pub enum Expect {
-    Pass,
-    /// Expected to fail, reproducing a known defect.
-    Fail(Defect),
-}
-
-/// A known defect a scenario reproduces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Defect {
-    /// Its name (B1, U2, ...) and how it shows.
-    pub reason: &'static str,
-    /// The checks whose failure is this defect; a scenario that fails only elsewhere (a
-    /// harness error, another defect) did not reproduce it.
-    pub shows_as: &'static [&'static str],
-}
-
-impl std::fmt::Display for Defect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.reason)
-    }
-}
-
-/// The kernel an expectation is about: its flavor ("byo" for a user's kernel, expected to
-/// keep every guarantee) and whether it is a debug build (some defects only show in KASAN,
-/// lockdep or kmemleak reports).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Target<'a> {
-    pub flavor: &'a str,
-    pub debug: bool,
-}
+pub use crate::expectations::{Expect, Target};
 
 /// Everything a scenario knows about the kernel it runs on.
 #[derive(Debug, Clone)]
@@ -62,13 +31,7 @@ pub struct Scenario {
     pub summary: &'static str,
     /// Runs only on debug kernels (KASAN, kmemleak, lockdep); skipped elsewhere.
     pub needs_debug: bool,
-    /// Expected outcome per kernel.
-    pub expect: fn(Target) -> Expect,
     pub run: RunFn,
-}
-
-fn always_pass(_: Target) -> Expect {
-    Expect::Pass
 }
 
 /// Every scenario, in the order a run executes them.
@@ -79,7 +42,6 @@ pub const SCENARIOS: &[Scenario] = &[
                   (BAR2 0x1000, 8 KiB) exports as an 8192-byte dma-buf; debug builds start KASAN \
                   and kmemleak; no kernel report since boot",
         needs_debug: false,
-        expect: always_pass,
         run: crate::boot_check::run,
     },
     Scenario {
@@ -87,7 +49,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "BAR0's doorbell page exports as a 4096-byte dma-buf, an unaligned slice is \
                   EINVAL, a guest write of 5 to SQ0TDBL lands exactly once in nvme-cmb",
         needs_debug: false,
-        expect: always_pass,
         run: crate::smoke::run,
     },
     Scenario {
@@ -95,7 +56,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "the guest sees nvme-cmb's class code, 64-bit BARs, CMB registers naming BAR2 \
                   and FLR among its reset methods; a sysfs reset reaches the device as an FLR",
         needs_debug: false,
-        expect: always_pass,
         run: crate::device_identity::run,
     },
     Scenario {
@@ -103,7 +63,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "whole BARs and page-aligned slices export with the requested size; unaligned, \
                   out-of-range, overflowing, ROM/config/absent-BAR and zero-length arguments give EINVAL",
         needs_debug: false,
-        expect: crate::export_args::expect,
         run: crate::export_args::run,
     },
     Scenario {
@@ -111,7 +70,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "rxe imports BAR0's doorbell page as a dma-buf MR; an 8-byte RDMA WRITE of 7 at \
                   SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
         needs_debug: false,
-        expect: crate::p2p::expect_doorbell,
         run: crate::p2p::run_doorbell,
     },
     Scenario {
@@ -119,7 +77,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "a write at offset k of a CMB-slice MR (BAR2 0x1000, 8 KiB) lands at BAR2 \
                   0x1000 + k in nvme-cmb, and nowhere else",
         needs_debug: false,
-        expect: crate::p2p::expect_cmb,
         run: crate::p2p::run_slice_routing,
     },
     Scenario {
@@ -127,7 +84,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "RDMA READ of a CMB-slice MR returns the pattern nvme-cmb filled; an RDMA WRITE \
                   into it shows up in the device's CMB, byte-exact",
         needs_debug: false,
-        expect: crate::p2p::expect_cmb,
         run: crate::p2p::run_cmb_roundtrip,
     },
     Scenario {
@@ -135,7 +91,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "setting bus-master in PCI_COMMAND (decode stays on) does not disturb a live \
                   importer: its next write lands",
         needs_debug: false,
-        expect: crate::p2p::expect_stray_command,
         run: crate::p2p::run_stray_command_write,
     },
     Scenario {
@@ -143,7 +98,6 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
                   guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
         needs_debug: false,
-        expect: crate::p2p::expect_remote_doorbell,
         run: crate::p2p::run_remote_doorbell,
     },
     Scenario {
@@ -152,7 +106,6 @@ pub const SCENARIOS: &[Scenario] = &[
                   receive; a WRITE with a deregistered rkey is NAKed 0x62 and errors its QP; the \
                   capture decodes with tshark",
         needs_debug: false,
-        expect: crate::p2p::expect_remote_verbs,
         run: crate::p2p::run_remote_verbs,
     },
     Scenario {
@@ -160,14 +113,12 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_reset,
         run: crate::p2p::run_revoke_on_vfio_reset,
     },
     Scenario {
         name: "revoke-on-flr",
         summary: "the same with an FLR initiated through the PCIe Device Control register",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_reset,
         run: crate::p2p::run_revoke_on_flr,
     },
     Scenario {
@@ -175,21 +126,18 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
                   downstream port)",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_hot_reset,
         run: crate::p2p::run_revoke_on_hot_reset,
     },
     Scenario {
         name: "revoke-on-mem-disable",
         summary: "the same with PCI_COMMAND memory decode cleared, then set again",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_decode,
         run: crate::p2p::run_revoke_on_mem_disable,
     },
     Scenario {
         name: "revoke-on-d3",
         summary: "the same with PMCSR D3hot, then D0",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_d3,
         run: crate::p2p::run_revoke_on_d3,
     },
     Scenario {
@@ -198,7 +146,6 @@ pub const SCENARIOS: &[Scenario] = &[
                   gets a remote access error, nothing reaches the device, the MR deregisters \
                   cleanly and the console stays free of oopses",
         needs_debug: false,
-        expect: crate::p2p::expect_revoke_close,
         run: crate::p2p::run_revoke_on_close,
     },
     Scenario {
@@ -209,7 +156,6 @@ pub const SCENARIOS: &[Scenario] = &[
                   operation's measured duration: every call succeeds, no BAR access, no kernel \
                   report, and a new MR works afterwards",
         needs_debug: false,
-        expect: crate::races::expect,
         run: crate::races::run,
     },
     Scenario {
@@ -218,7 +164,6 @@ pub const SCENARIOS: &[Scenario] = &[
                   page and 16 revoke/re-map cycles (decode off/on) of a registered one, which \
                   then still works; a kmemleak scan finds nothing (debug variant only)",
         needs_debug: true,
-        expect: crate::p2p::expect_map_leak,
         run: crate::p2p::run_map_leak,
     },
 ];
@@ -240,7 +185,7 @@ pub fn select(pattern: &str) -> Result<Vec<&'static Scenario>> {
     Ok(chosen)
 }
 
-fn glob_match(pattern: &str, name: &str) -> bool {
+pub fn glob_match(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
         Some((head, rest)) => {
@@ -268,7 +213,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// `failed` names the checks that failed (none: the scenario passed).
-    pub fn judge(expect: Expect, failed: &[&str], strict: bool) -> Self {
+    pub fn judge(expect: Expect, failed: &[CheckId], strict: bool) -> Self {
         match (expect, failed.is_empty()) {
             (Expect::Pass, true) => Verdict::Pass,
             (Expect::Fail(defect), false)
@@ -302,19 +247,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_defect_that_only_debug_checkers_see_is_expected_on_the_debug_variant_only() {
-        let hot_reset = SCENARIOS
-            .iter()
-            .find(|s| s.name == "revoke-on-hot-reset")
-            .expect("registered");
-        let on = |flavor, debug| (hot_reset.expect)(Target { flavor, debug });
-        assert!(matches!(on("upstream", true), Expect::Fail(d) if d.reason.starts_with("U2")));
-        assert_eq!(on("upstream", false), Expect::Pass);
-        assert_eq!(on("upstream-fixed", true), Expect::Pass);
-        assert!(matches!(on("v1", false), Expect::Fail(d) if d.reason.starts_with("B1")));
-    }
-
-    #[test]
     fn globs_match_whole_names() {
         assert!(glob_match("revoke-*", "revoke-on-flr"));
         assert!(glob_match("*", "smoke"));
@@ -336,11 +268,18 @@ mod tests {
 
     #[test]
     fn verdicts_follow_expectations_in_both_directions() {
-        let defect = Expect::Fail(Defect {
-            reason: "B1: no revoke on reset",
-            shows_as: &["write-refused"],
-        });
-        let shown = ["write-refused", "maps-again"];
+        use crate::checks::{
+            IMPORTER_MAPS_AGAIN_AFTER_RESTORE, SCENARIO_COMPLETED,
+            WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR,
+        };
+        let defect = Expect::Fail(crate::expectations::test_failure(
+            "B1",
+            &[WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR],
+        ));
+        let shown = [
+            WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR,
+            IMPORTER_MAPS_AGAIN_AFTER_RESTORE,
+        ];
         assert_eq!(Verdict::judge(Expect::Pass, &[], false), Verdict::Pass);
         assert_eq!(
             Verdict::judge(Expect::Pass, &shown, false),
@@ -353,7 +292,7 @@ mod tests {
             "an unexpected pass is a mismatch"
         );
         assert_eq!(
-            Verdict::judge(defect, &["scenario-completed"], false),
+            Verdict::judge(defect, &[SCENARIO_COMPLETED], false),
             Verdict::Mismatch,
             "failing elsewhere (a harness error) is not the defect"
         );
@@ -362,35 +301,6 @@ mod tests {
             Verdict::Mismatch,
             "--strict counts every failure"
         );
-    }
-
-    #[test]
-    fn every_defect_shows_as_checks_its_scenario_records() {
-        // The names a scenario records, collected from its source, so a renamed check cannot
-        // leave a defect that no failure matches.
-        let sources = [
-            include_str!("p2p.rs"),
-            include_str!("races.rs"),
-            include_str!("export_args.rs"),
-        ]
-        .concat();
-        for s in SCENARIOS {
-            for flavor in ["v1", "v1-fixed", "upstream", "upstream-fixed"] {
-                for debug in [false, true] {
-                    if let Expect::Fail(defect) = (s.expect)(Target { flavor, debug }) {
-                        assert!(!defect.shows_as.is_empty(), "{} on {flavor}", s.name);
-                        for check in defect.shows_as {
-                            assert!(
-                                *check == "guest-console-clean"
-                                    || sources.contains(&format!("\"{check}\"")),
-                                "{}: `{check}` is recorded by no scenario",
-                                s.name
-                            );
-                        }
-                    }
-                }
-            }
-        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::{Access, Event, EventKind};
 
+use crate::checks;
 use crate::report::Suite;
 use crate::rig::Rig;
 use crate::scenario::ScenarioEnv;
@@ -32,7 +33,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         _ => None,
     };
     suite.record(
-        "agent-hello",
+        checks::AGENT_HELLO,
         kernel_release.as_ref().is_some_and(|r| !r.is_empty()),
         match &kernel_release {
             Some(release) => format!("guest kernel {release}"),
@@ -54,7 +55,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     };
     let ok = functions.len() == 1;
     suite.record(
-        "nvme-function-visible",
+        checks::NVME_FUNCTION_VISIBLE,
         ok,
         format!("class {NVME_CLASS:#08x} functions: {functions:?}"),
         t.elapsed(),
@@ -67,7 +68,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let t = Instant::now();
     let bound = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC_TIMEOUT)?;
     suite.record(
-        "bind-vfio-pci",
+        checks::BIND_VFIO_PCI,
         bound.is_ok(),
         err_text(&bound),
         t.elapsed(),
@@ -78,7 +79,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         _ => None,
     };
     suite.record(
-        "open-vfio-device",
+        checks::OPEN_VFIO_DEVICE,
         device.is_some(),
         match device {
             Some(_) => format!("{bdf} (noiommu)"),
@@ -101,14 +102,19 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     match rig.agent_call(export, RPC_TIMEOUT)? {
         Ok(AgentReply::Dmabuf { dmabuf, size }) => {
             suite.record(
-                "export-doorbell-page",
+                checks::EXPORT_DOORBELL_PAGE,
                 size == PAGE,
                 format!("dma-buf size {size}, expected {PAGE}"),
                 t.elapsed(),
             );
             let _ = rig.agent_call(AgentOp::DmabufClose { dmabuf }, RPC_TIMEOUT)?;
         }
-        other => suite.record("export-doorbell-page", false, err_text(&other), t.elapsed()),
+        other => suite.record(
+            checks::EXPORT_DOORBELL_PAGE,
+            false,
+            err_text(&other),
+            t.elapsed(),
+        ),
     }
 
     let t = Instant::now();
@@ -121,13 +127,13 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     };
     match rig.agent_call(unaligned, RPC_TIMEOUT)? {
         Err(e) => suite.record(
-            "export-unaligned-is-einval",
+            checks::EXPORT_UNALIGNED_IS_EINVAL,
             e.errno == EINVAL,
             format!("errno {} ({})", e.errno, e.message),
             t.elapsed(),
         ),
         Ok(reply) => suite.record(
-            "export-unaligned-is-einval",
+            checks::EXPORT_UNALIGNED_IS_EINVAL,
             false,
             format!("export succeeded: {reply:?}"),
             t.elapsed(),
@@ -145,12 +151,17 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     };
     let wrote = rig.agent_call(write, RPC_TIMEOUT)?;
     if wrote.is_err() {
-        suite.record("doorbell-write-lands", false, err_text(&wrote), t.elapsed());
+        suite.record(
+            checks::DOORBELL_WRITE_LANDS,
+            false,
+            err_text(&wrote),
+            t.elapsed(),
+        );
         return Ok(());
     }
     let events = doorbell_events_after(rig, baseline)?;
     let (ok, detail) = judge_doorbell(&events, SQ0TDBL, 5);
-    suite.record("doorbell-write-lands", ok, detail, t.elapsed());
+    suite.record(checks::DOORBELL_WRITE_LANDS, ok, detail, t.elapsed());
     let _ = rig.agent_call(AgentOp::VfioClose { device }, RPC_TIMEOUT)?;
     Ok(())
 }
