@@ -1,34 +1,6 @@
 //! `p2prig`: builds the rig (QEMU, guest kernels, initramfs), boots it, runs scenarios and
 //! reports which dma-buf revoke guarantees hold on which kernel.
 
-mod accel;
-mod bench;
-mod boot_check;
-mod byo;
-mod cache;
-mod checks;
-mod client;
-mod console;
-mod device_identity;
-mod expectations;
-mod export_args;
-mod html;
-mod image;
-mod kernel;
-mod list;
-mod p2p;
-mod paths;
-mod process;
-mod qemu;
-mod races;
-mod rdma_core;
-mod recipe;
-mod report;
-mod rig;
-mod runner;
-mod scenario;
-mod smoke;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -36,11 +8,19 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod build;
+mod rig;
+mod run;
+mod scenarios;
+
 use accel::AccelChoice;
+use build::{cache, image, kernel, qemu, rdma_core};
 use cache::Cache;
 use kernel::{BuildTarget, FlavorSpec, KernelChoice};
 use report::RunReport;
+use rig::{accel, paths, process};
 use rig::{RigConfig, RunDir};
+use run::{bench, expectations, html, list, report, runner};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -240,7 +220,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     // A bad flavor or defects file stops the run before anything is built.
     expectations::get()?;
-    let scenarios = scenario::select(&args.scenario)?;
+    let scenarios = scenarios::select(&args.scenario)?;
     let kernels = kernels_of(&args)?;
     let boots = runner::boots(&kernels, &scenarios, args.debug_variants);
     if boots.is_empty() {
@@ -381,7 +361,7 @@ fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
         top.path.display()
     );
     let mut rig = rig::Rig::boot(&cfg, &top)?;
-    let env = scenario::ScenarioEnv {
+    let env = scenarios::ScenarioEnv {
         uapi: kernel.uapi,
         debug: kernel.debug,
         seed: 0,

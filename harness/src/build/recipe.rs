@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::process::{ChildGuard, Group};
+use crate::rig::process::{ChildGuard, Group};
 
 /// Where the recipe scripts are: next to the sources of this crate, or P2PRIG_RECIPES.
 pub fn recipes_dir() -> PathBuf {
     std::env::var_os("P2PRIG_RECIPES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::paths::project_root().join("harness/recipes"))
+        .unwrap_or_else(|| crate::rig::paths::project_root().join("harness/recipes"))
 }
 
 #[derive(Debug)]
@@ -49,7 +49,7 @@ impl Recipe<'_> {
             if let Some(status) = child.try_status() {
                 break status;
             }
-            if let Err(e) = crate::process::check_interrupted() {
+            if let Err(e) = crate::rig::process::check_interrupted() {
                 child.terminate(Duration::from_secs(2));
                 return Err(e);
             }

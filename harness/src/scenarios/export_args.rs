@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
 
-use crate::checks::{self, CheckId};
-use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::run::checks::{self, CheckId};
+use crate::run::report::Suite;
+use crate::scenarios::ScenarioEnv;
 use p2prig_protocol::agent::DmabufUapi;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);

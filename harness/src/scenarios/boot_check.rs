@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
 
-use crate::checks;
-use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::run::checks;
+use crate::run::report::Suite;
+use crate::scenarios::ScenarioEnv;
 
 const RPC: Duration = Duration::from_secs(30);
 const NVME_CLASS: u32 = 0x010802;
@@ -115,7 +115,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         detail,
         t.elapsed(),
     );
-    let report = crate::console::report_excerpt(&dmesg);
+    let report = crate::rig::console::report_excerpt(&dmesg);
     suite.record(
         checks::NO_KERNEL_REPORT_SINCE_BOOT,
         report.is_none(),

@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 
 use serde_json::Value;
 
-use crate::report::{RunReport, ScenarioResult};
-use crate::scenario::{Expect, Verdict};
+use crate::run::report::{RunReport, ScenarioResult};
+use crate::scenarios::{Expect, Verdict};
 
 const WIDTH: f64 = 960.0;
 /// What the timeline's colours mean; every mark's hover title has the details.
@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn report_page_is_self_contained_with_a_section_per_result() {
-        let page = render(&crate::report::tests::report());
+        let page = render(&crate::run::report::tests::report());
         assert!(page.starts_with("<!DOCTYPE html>"));
         assert!(
             !page.contains("<script") && !page.contains("http"),
@@ -577,13 +577,13 @@ mod tests {
     #[ignore = "needs Debian's chromium; run by `make report-render-test`"]
     fn html_report_renders_in_chromium() -> anyhow::Result<()> {
         // A run directory like a real run's, kept with its screenshot for inspection.
-        let dir = crate::paths::output_root().join("runs/render-check");
+        let dir = crate::rig::paths::output_root().join("runs/render-check");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("agent.transcript"), TRANSCRIPT)?;
         std::fs::write(dir.join("roce-target.transcript"), TARGET_TRANSCRIPT)?;
         std::fs::write(dir.join("nvme-cmb.trace.jsonl"), TRACE)?;
-        let mut report = crate::report::tests::report();
+        let mut report = crate::run::report::tests::report();
         for r in &mut report.results {
             r.run_dir = dir.clone();
             r.start_ns = 0;

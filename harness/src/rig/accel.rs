@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::Cache;
-use crate::process::{ChildGuard, Group};
+use crate::build::cache::Cache;
+use crate::rig::process::{ChildGuard, Group};
 use crate::rig::Accel;
 
 /// How long a KVM guest gets to print its banner; TCG needs ~1 s for it on this kind of host.
@@ -46,7 +46,7 @@ pub fn resolve(choice: AccelChoice, cache: &Cache, qemu: &Path, bzimage: &Path) 
             }
             let record_path = cache.root().join("accel-probe.json");
             let host_kernel = host_kernel_release();
-            let qemu_id = crate::cache::sha256_file(qemu)?;
+            let qemu_id = crate::build::cache::sha256_file(qemu)?;
             if let Ok(text) = std::fs::read_to_string(&record_path) {
                 if let Ok(rec) = serde_json::from_str::<ProbeRecord>(&text) {
                     if rec.host_kernel == host_kernel && rec.qemu == qemu_id {
@@ -129,7 +129,7 @@ fn probe_kvm(qemu: &Path, bzimage: &Path) -> Result<(bool, String)> {
     let mut child = ChildGuard::spawn("qemu (kvm probe)", cmd, Group::Harness)?;
     let started = Instant::now();
     while started.elapsed() < PROBE_TIMEOUT {
-        crate::process::check_interrupted()?;
+        crate::rig::process::check_interrupted()?;
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         if text.contains("Linux version") {
             return Ok((

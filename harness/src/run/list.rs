@@ -5,10 +5,10 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::checks::CheckId;
-use crate::expectations::{self, Defect, Expect, Target};
-use crate::kernel::{self, Variant};
-use crate::scenario::SCENARIOS;
+use crate::build::kernel::{self, Variant};
+use crate::run::checks::CheckId;
+use crate::run::expectations::{self, Defect, Expect, Target};
+use crate::scenarios::SCENARIOS;
 
 #[derive(Debug, Serialize)]
 struct Listing {
@@ -81,7 +81,7 @@ fn listing() -> Result<Listing> {
         scenarios,
         flavors,
         defects: loaded.defects.clone(),
-        checks: crate::checks::ALL,
+        checks: crate::run::checks::ALL,
     })
 }
 

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::checks::CheckId;
-use crate::scenario::{glob_match, Scenario, SCENARIOS};
+use crate::run::checks::CheckId;
+use crate::scenarios::{glob_match, Scenario, SCENARIOS};
 
 /// A known defect, from kernel-patches/defects.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -261,13 +261,13 @@ impl Expectations {
 
     /// The repository's defects file and every flavor's expected failures.
     pub fn load() -> Result<Self> {
-        let root = crate::paths::project_root().join("kernel-patches");
+        let root = crate::rig::paths::project_root().join("kernel-patches");
         let defects_path = root.join("defects.toml");
         let text = std::fs::read_to_string(&defects_path)
             .with_context(|| format!("reading {}", defects_path.display()))?;
         let mut flavors = Vec::new();
-        for name in crate::kernel::flavor_names()? {
-            let flavor = crate::kernel::load_flavor(&name)?;
+        for name in crate::build::kernel::flavor_names()? {
+            let flavor = crate::build::kernel::load_flavor(&name)?;
             let path = root.join("flavors").join(format!("{name}.toml"));
             flavors.push((name, path, flavor.expected_failure));
         }
@@ -382,7 +382,7 @@ variant = "debug"
         assert_eq!(f.defect.id, "B1");
         assert_eq!(
             f.shows_as,
-            [crate::checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR]
+            [crate::run::checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR]
         );
         assert_eq!(e.expect("revoke-on-hot-reset", debug), Expect::Fail(f));
         assert_eq!(e.expect("revoke-on-vfio-reset", tiny), Expect::Pass);

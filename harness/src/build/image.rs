@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use flate2::{write::GzEncoder, Compression, GzBuilder};
 
-use crate::cache::{self, Cache, KeyBuilder};
+use crate::build::cache::{self, Cache, KeyBuilder};
 
 /// Bumped when the image's layout changes.
 const IMAGE_RECIPE: &str = "initramfs-2";
@@ -31,8 +31,9 @@ pub enum Entry {
 }
 
 pub fn build(cache: &Cache) -> Result<Image> {
-    let agent = crate::paths::workspace_binary("guest-agent")?;
-    let rdma = crate::rdma_core::build(cache).context("building rdma-core for the initramfs")?;
+    let agent = crate::rig::paths::workspace_binary("guest-agent")?;
+    let rdma =
+        crate::build::rdma_core::build(cache).context("building rdma-core for the initramfs")?;
     let rdma_root = rdma.rootfs();
     let rdma_files = rootfs_files(&rdma_root)?;
     // The agent opens libibverbs at run time, so ldd of the agent does not list it: the

@@ -10,8 +10,8 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::cache::{self, Cache, KeyBuilder};
-use crate::recipe::{recipes_dir, Recipe};
+use crate::build::cache::{self, Cache, KeyBuilder};
+use crate::build::recipe::{recipes_dir, Recipe};
 use p2prig_protocol::agent::DmabufUapi;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +236,8 @@ pub fn resolve(cache: &Cache, choice: &KernelChoice) -> Result<Kernel> {
         KernelChoice::Flavor(spec) => build(cache, spec),
         KernelChoice::Source(tree) => build_tree(cache, tree),
         KernelChoice::Image(path) => {
-            let facts = crate::byo::check_image(path, &patches_root().join("config/base.config"))?;
+            let facts =
+                crate::build::byo::check_image(path, &patches_root().join("config/base.config"))?;
             Ok(Kernel {
                 bzimage: path.clone(),
                 uapi: facts.uapi,
@@ -257,9 +258,9 @@ pub struct Flavor {
     pub series: Vec<String>,
     #[serde(default)]
     pub fragments: Vec<String>,
-    /// The scenarios this flavor is expected to fail and why (crate::expectations).
+    /// The scenarios this flavor is expected to fail and why (crate::run::expectations).
     #[serde(default)]
-    pub expected_failure: Vec<crate::expectations::FailureEntry>,
+    pub expected_failure: Vec<crate::run::expectations::FailureEntry>,
 }
 
 /// kernel-patches/sources/<name>.toml
@@ -288,7 +289,7 @@ pub struct Kernel {
 }
 
 fn patches_root() -> PathBuf {
-    crate::paths::project_root().join("kernel-patches")
+    crate::rig::paths::project_root().join("kernel-patches")
 }
 
 pub fn flavor_names() -> Result<Vec<String>> {
@@ -540,7 +541,7 @@ pub fn build_tree(cache: &Cache, tree: &SourceTree) -> Result<Kernel> {
         .with_context(|| format!("the recipe left no {}", config_path.display()))?;
     Ok(Kernel {
         bzimage: out.join("bzImage"),
-        uapi: crate::byo::uapi_of(&crate::byo::parse_config(&config)),
+        uapi: crate::build::byo::uapi_of(&crate::build::byo::parse_config(&config)),
         debug: tree.variant == Variant::Debug,
     })
 }

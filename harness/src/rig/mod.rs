@@ -1,6 +1,12 @@
 //! One rig = one VM boot: nvme-cmb, then QEMU with the device behind a PCIe switch and the
 //! agent's virtio-serial port, then the agent's ready banner.
 
+pub mod accel;
+pub mod client;
+pub mod console;
+pub mod paths;
+pub mod process;
+
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -14,9 +20,8 @@ use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::target::{TargetOp, TargetReply};
 use p2prig_protocol::wire::ErrorReply;
 
-use crate::client::LineClient;
-use crate::console;
-use crate::process::{ChildGuard, Group};
+use crate::rig::client::LineClient;
+use crate::rig::process::{ChildGuard, Group};
 
 /// How QEMU executes the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +76,7 @@ impl RunDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        Self::at(crate::paths::output_root().join("runs").join(format!(
+        Self::at(crate::rig::paths::output_root().join("runs").join(format!(
             "{}-{}-{label}",
             utc_stamp(secs),
             std::process::id()
@@ -284,12 +289,12 @@ impl Rig {
         let console_path = run.file("console.log");
         let deadline = started + cfg.boot_timeout;
         let watch = |qemu: &mut ChildGuard| -> Result<()> {
-            crate::process::check_interrupted()?;
+            crate::rig::process::check_interrupted()?;
             if let Some(status) = qemu.try_status() {
                 bail!(
                     "QEMU exited during boot ({status}); its stderr:\n{}\nconsole tail:\n{}",
-                    crate::recipe::tail_lines(&run.file("qemu.stderr.log"), 15),
-                    crate::recipe::tail_lines(&console_path, 20)
+                    crate::build::recipe::tail_lines(&run.file("qemu.stderr.log"), 15),
+                    crate::build::recipe::tail_lines(&console_path, 20)
                 );
             }
             if let Some(excerpt) = console::fatal_excerpt(&console_path) {
@@ -320,7 +325,7 @@ impl Rig {
                     None => anyhow!(
                         "{e:#}\nthe guest agent did not become ready within {:?}; console tail:\n{}",
                         cfg.boot_timeout,
-                        crate::recipe::tail_lines(&console_path, 25)
+                        crate::build::recipe::tail_lines(&console_path, 25)
                     ),
                 })?;
             if String::from_utf8_lossy(&line).trim() == READY_BANNER {
@@ -375,7 +380,7 @@ impl Rig {
         let result = self.agent_wait(id, timeout);
         match result {
             Err(e)
-                if !crate::process::interrupted()
+                if !crate::rig::process::interrupted()
                     && self.qemu.try_status().is_none()
                     && console::fatal_excerpt(&self.console).is_none() =>
             {
@@ -512,19 +517,19 @@ fn wait_for_paths(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !paths.iter().all(|p| p.exists()) {
-        crate::process::check_interrupted()?;
+        crate::rig::process::check_interrupted()?;
         if let Some(status) = child.try_status() {
             bail!(
                 "{} exited at start ({status}); its log:\n{}",
                 child.name(),
-                crate::recipe::tail_lines(log, 15)
+                crate::build::recipe::tail_lines(log, 15)
             );
         }
         if Instant::now() >= deadline {
             bail!(
                 "{} did not create its sockets within {timeout:?}; its log:\n{}",
                 child.name(),
-                crate::recipe::tail_lines(log, 15)
+                crate::build::recipe::tail_lines(log, 15)
             );
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -6,8 +6,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cache::{self, Cache, KeyBuilder};
-use crate::recipe::{recipes_dir, Recipe};
+use crate::build::cache::{self, Cache, KeyBuilder};
+use crate::build::recipe::{recipes_dir, Recipe};
 
 /// A QEMU binary known to have `vfio-user-pci`.
 #[derive(Debug, Clone)]

@@ -10,10 +10,10 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::EventKind;
 
-use crate::checks;
-use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::run::checks;
+use crate::run::report::Suite;
+use crate::scenarios::ScenarioEnv;
 
 const RPC: Duration = Duration::from_secs(30);
 const NVME_CLASS: &str = "0x010802";
@@ -87,7 +87,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     );
 
     let t = Instant::now();
-    let device = crate::export_args::open_nvme(rig)?;
+    let device = crate::scenarios::export_args::open_nvme(rig)?;
     let result = cmb_registers(rig, device, bar2_size);
     let _ = rig.agent_call(AgentOp::VfioClose { device }, RPC)?;
     let (ok, detail) = result?;

@@ -12,7 +12,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use p2prig_protocol::wire::{self, ErrorReply, Outcome, Reply, Request};
 
-use crate::process::check_interrupted;
+use crate::rig::process::check_interrupted;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock nvme-cmb stamps its events with.
 pub fn mono_ns() -> u64 {

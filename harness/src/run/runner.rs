@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::cache::Cache;
-use crate::checks::{self, CheckId};
-use crate::console;
-use crate::kernel::{self, KernelChoice};
-use crate::process;
-use crate::report::{Boot, RunReport, ScenarioResult, Suite};
+use crate::build::cache::Cache;
+use crate::build::kernel::{self, KernelChoice};
+use crate::rig::console;
+use crate::rig::process;
 use crate::rig::{Rig, RigConfig, RunDir};
-use crate::scenario::{self, Scenario, ScenarioEnv, Target, Verdict};
+use crate::run::checks::{self, CheckId};
+use crate::run::report::{Boot, RunReport, ScenarioResult, Suite};
+use crate::scenarios::{self, Scenario, ScenarioEnv, Target, Verdict};
 
 #[derive(Debug)]
 pub struct RunPlan {
@@ -68,7 +68,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
         boots: Vec::new(),
         results: Vec::new(),
     };
-    let expectations = crate::expectations::get()?;
+    let expectations = crate::run::expectations::get()?;
     let total: usize = plan.boots.iter().map(|(_, s)| s.len()).sum();
     let started = Instant::now();
     let mut index = 0;
@@ -111,7 +111,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 note: String::new(),
                 checks: Vec::new(),
                 duration: Duration::ZERO,
-                start_ns: crate::client::mono_ns(),
+                start_ns: crate::rig::client::mono_ns(),
                 end_ns: 0,
                 run_dir: flavor_dir.path.clone(),
             };
@@ -159,7 +159,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 Some((r, dir)) => {
                     result.run_dir = dir.path.clone();
                     // The timeline starts with the scenario, not with the boot before it.
-                    result.start_ns = crate::client::mono_ns();
+                    result.start_ns = crate::rig::client::mono_ns();
                     let console_mark = console_len(r);
                     let outcome = (scenario.run)(r, &env, &mut suite);
                     process::check_interrupted()?;
@@ -207,7 +207,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 .unwrap_or_default();
             result.checks = suite.checks;
             result.duration = scenario_started.elapsed();
-            result.end_ns = crate::client::mono_ns();
+            result.end_ns = crate::rig::client::mono_ns();
             println!(
                 "    => {} ({})",
                 result.verdict.label(),
@@ -224,8 +224,8 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
 
 fn expectation_text(r: &ScenarioResult) -> String {
     match r.expect {
-        scenario::Expect::Pass => "expected to pass".into(),
-        scenario::Expect::Fail(why) => format!("expected to fail: {why}"),
+        scenarios::Expect::Pass => "expected to pass".into(),
+        scenarios::Expect::Fail(why) => format!("expected to fail: {why}"),
     }
 }
 
@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn debug_variants_take_the_debug_scenarios_off_the_tiny_kernels() -> Result<()> {
         let kernels: Vec<KernelChoice> = vec!["v1".parse()?, "v1-fixed".parse()?];
-        let scenarios = scenario::select("smoke,map-leak")?;
+        let scenarios = crate::scenarios::select("smoke,map-leak")?;
         assert_eq!(
             names(&boots(&kernels, &scenarios, true)),
             [
@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn a_debug_kernel_given_explicitly_is_not_booted_twice() -> Result<()> {
         let kernels: Vec<KernelChoice> = vec!["v1".parse()?, "v1:debug".parse()?];
-        let scenarios = scenario::select("map-leak")?;
+        let scenarios = crate::scenarios::select("map-leak")?;
         assert_eq!(
             names(&boots(&kernels, &scenarios, true)),
             ["v1:debug: map-leak"]

@@ -10,10 +10,10 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::{Access, Event, EventKind};
 
-use crate::checks;
-use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::run::checks;
+use crate::run::report::Suite;
+use crate::scenarios::ScenarioEnv;
 
 const NVME_CLASS: u32 = 0x010802;
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -221,7 +221,7 @@ fn doorbell_events_after(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
             None if Instant::now() >= deadline => return Ok(found),
             _ => {}
         }
-        crate::process::check_interrupted()?;
+        crate::rig::process::check_interrupted()?;
         std::thread::sleep(Duration::from_millis(50));
     }
 }

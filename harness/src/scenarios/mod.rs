@@ -1,16 +1,23 @@
 //! The scenario registry: what each scenario checks, which kernels it is expected to fail on
 //! and why, and how an outcome is judged against that expectation.
 
+pub mod boot_check;
+pub mod device_identity;
+pub mod export_args;
+pub mod p2p;
+pub mod races;
+pub mod smoke;
+
 use anyhow::{bail, Result};
 use serde::Serialize;
 
 use p2prig_protocol::agent::DmabufUapi;
 
-use crate::checks::CheckId;
-use crate::report::Suite;
 use crate::rig::Rig;
+use crate::run::checks::CheckId;
+use crate::run::report::Suite;
 
-pub use crate::expectations::{Expect, Target};
+pub use crate::run::expectations::{Expect, Target};
 
 /// Everything a scenario knows about the kernel it runs on.
 #[derive(Debug, Clone)]
@@ -42,63 +49,63 @@ pub const SCENARIOS: &[Scenario] = &[
                   (BAR2 0x1000, 8 KiB) exports as an 8192-byte dma-buf; debug builds start KASAN \
                   and kmemleak; no kernel report since boot",
         needs_debug: false,
-        run: crate::boot_check::run,
+        run: crate::scenarios::boot_check::run,
     },
     Scenario {
         name: "smoke",
         summary: "BAR0's doorbell page exports as a 4096-byte dma-buf, an unaligned slice is \
                   EINVAL, a guest write of 5 to SQ0TDBL lands exactly once in nvme-cmb",
         needs_debug: false,
-        run: crate::smoke::run,
+        run: crate::scenarios::smoke::run,
     },
     Scenario {
         name: "device-identity",
         summary: "the guest sees nvme-cmb's class code, 64-bit BARs, CMB registers naming BAR2 \
                   and FLR among its reset methods; a sysfs reset reaches the device as an FLR",
         needs_debug: false,
-        run: crate::device_identity::run,
+        run: crate::scenarios::device_identity::run,
     },
     Scenario {
         name: "export-args",
         summary: "whole BARs and page-aligned slices export with the requested size; unaligned, \
                   out-of-range, overflowing, ROM/config/absent-BAR and zero-length arguments give EINVAL",
         needs_debug: false,
-        run: crate::export_args::run,
+        run: crate::scenarios::export_args::run,
     },
     Scenario {
         name: "p2p-doorbell",
         summary: "rxe imports BAR0's doorbell page as a dma-buf MR; an 8-byte RDMA WRITE of 7 at \
                   SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
         needs_debug: false,
-        run: crate::p2p::run_doorbell,
+        run: crate::scenarios::p2p::run_doorbell,
     },
     Scenario {
         name: "slice-routing",
         summary: "a write at offset k of a CMB-slice MR (BAR2 0x1000, 8 KiB) lands at BAR2 \
                   0x1000 + k in nvme-cmb, and nowhere else",
         needs_debug: false,
-        run: crate::p2p::run_slice_routing,
+        run: crate::scenarios::p2p::run_slice_routing,
     },
     Scenario {
         name: "cmb-roundtrip",
         summary: "RDMA READ of a CMB-slice MR returns the pattern nvme-cmb filled; an RDMA WRITE \
                   into it shows up in the device's CMB, byte-exact",
         needs_debug: false,
-        run: crate::p2p::run_cmb_roundtrip,
+        run: crate::scenarios::p2p::run_cmb_roundtrip,
     },
     Scenario {
         name: "stray-command-write",
         summary: "setting bus-master in PCI_COMMAND (decode stays on) does not disturb a live \
                   importer: its next write lands",
         needs_debug: false,
-        run: crate::p2p::run_stray_command_write,
+        run: crate::scenarios::p2p::run_stray_command_write,
     },
     Scenario {
         name: "remote-doorbell",
         summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
                   guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
         needs_debug: false,
-        run: crate::p2p::run_remote_doorbell,
+        run: crate::scenarios::p2p::run_remote_doorbell,
     },
     Scenario {
         name: "remote-verbs",
@@ -106,39 +113,39 @@ pub const SCENARIOS: &[Scenario] = &[
                   receive; a WRITE with a deregistered rkey is NAKed 0x62 and errors its QP; the \
                   capture decodes with tshark",
         needs_debug: false,
-        run: crate::p2p::run_remote_verbs,
+        run: crate::scenarios::p2p::run_remote_verbs,
     },
     Scenario {
         name: "revoke-on-vfio-reset",
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",
         needs_debug: false,
-        run: crate::p2p::run_revoke_on_vfio_reset,
+        run: crate::scenarios::p2p::run_revoke_on_vfio_reset,
     },
     Scenario {
         name: "revoke-on-flr",
         summary: "the same with an FLR initiated through the PCIe Device Control register",
         needs_debug: false,
-        run: crate::p2p::run_revoke_on_flr,
+        run: crate::scenarios::p2p::run_revoke_on_flr,
     },
     Scenario {
         name: "revoke-on-hot-reset",
         summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
                   downstream port)",
         needs_debug: false,
-        run: crate::p2p::run_revoke_on_hot_reset,
+        run: crate::scenarios::p2p::run_revoke_on_hot_reset,
     },
     Scenario {
         name: "revoke-on-mem-disable",
         summary: "the same with PCI_COMMAND memory decode cleared, then set again",
         needs_debug: false,
-        run: crate::p2p::run_revoke_on_mem_disable,
+        run: crate::scenarios::p2p::run_revoke_on_mem_disable,
     },
     Scenario {
         name: "revoke-on-d3",
         summary: "the same with PMCSR D3hot, then D0",
         needs_debug: false,
-        run: crate::p2p::run_revoke_on_d3,
+        run: crate::scenarios::p2p::run_revoke_on_d3,
     },
     Scenario {
         name: "revoke-on-close",
@@ -146,7 +153,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   gets a remote access error, nothing reaches the device, the MR deregisters \
                   cleanly and the console stays free of oopses",
         needs_debug: false,
-        run: crate::p2p::run_revoke_on_close,
+        run: crate::scenarios::p2p::run_revoke_on_close,
     },
     Scenario {
         name: "release-races",
@@ -156,7 +163,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   operation's measured duration: every call succeeds, no BAR access, no kernel \
                   report, and a new MR works afterwards",
         needs_debug: false,
-        run: crate::races::run,
+        run: crate::scenarios::races::run,
     },
     Scenario {
         name: "map-leak",
@@ -164,7 +171,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   page and 16 revoke/re-map cycles (decode off/on) of a registered one, which \
                   then still works; a kmemleak scan finds nothing (debug variant only)",
         needs_debug: true,
-        run: crate::p2p::run_map_leak,
+        run: crate::scenarios::p2p::run_map_leak,
     },
 ];
 
@@ -268,11 +275,11 @@ mod tests {
 
     #[test]
     fn verdicts_follow_expectations_in_both_directions() {
-        use crate::checks::{
+        use crate::run::checks::{
             IMPORTER_MAPS_AGAIN_AFTER_RESTORE, SCENARIO_COMPLETED,
             WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR,
         };
-        let defect = Expect::Fail(crate::expectations::test_failure(
+        let defect = Expect::Fail(crate::run::expectations::test_failure(
             "B1",
             &[WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR],
         ));

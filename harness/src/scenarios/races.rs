@@ -15,14 +15,14 @@ use p2prig_protocol::device::DeviceOp;
 use p2prig_protocol::event::EventKind;
 use p2prig_protocol::wire::ErrorReply;
 
-use crate::checks;
-use crate::p2p::{
+use crate::rig::Rig;
+use crate::run::checks;
+use crate::run::report::Suite;
+use crate::scenarios::p2p::{
     alloc_pd, clear_memory_decode, doorbell_mr, events_since, expect_done, export, last_seq,
     open_device, rdma_up, reg_dmabuf, ring, with_held, with_held_value, Held, PAGE, RPC,
 };
-use crate::report::Suite;
-use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::scenarios::ScenarioEnv;
 
 /// How the second operation's start is placed relative to the first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,11 +17,11 @@ use p2prig_protocol::target::{
     Completion as TargetCompletion, CompletionStatus, QpSettings, Sge, TargetOp, TargetReply,
 };
 
-use crate::checks;
-use crate::export_args::open_nvme;
-use crate::report::Suite;
 use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::run::checks;
+use crate::run::report::Suite;
+use crate::scenarios::export_args::open_nvme;
+use crate::scenarios::ScenarioEnv;
 
 pub(crate) const RPC: Duration = Duration::from_secs(30);
 pub(crate) const PAGE: u64 = 0x1000;
@@ -1033,7 +1033,7 @@ fn target_post_write(
     Ok(TargetPosted {
         qpn: target_qpn,
         key,
-        posted_ns: crate::client::mono_ns(),
+        posted_ns: crate::rig::client::mono_ns(),
     })
 }
 
@@ -1674,7 +1674,7 @@ fn revoke_window(
     )?;
     ok(rig.agent_finish(id, RPC)?, "post_send")?;
     // An upper bound: ibv_post_send had returned when its reply arrived.
-    let posted_ns = crate::client::mono_ns();
+    let posted_ns = crate::rig::client::mono_ns();
     let (wc, refused_guest_ns) = poll_one_stamped(rig, lb.cq_a, 5000)?;
     suite.record(
         checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR,

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::cache::{self, Cache, KeyBuilder};
-use crate::recipe::{recipes_dir, Recipe};
+use crate::build::cache::{self, Cache, KeyBuilder};
+use crate::build::recipe::{recipes_dir, Recipe};
 
 /// A finished rdma-core build.
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ impl RdmaCore {
 
 /// The folder of provider patches in the project.
 pub fn patches_dir() -> PathBuf {
-    crate::paths::project_root().join("guest-image/rdma-core")
+    crate::rig::paths::project_root().join("guest-image/rdma-core")
 }
 
 pub fn build(cache: &Cache) -> Result<RdmaCore> {

@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::checks::CheckId;
+use crate::run::checks::CheckId;
 
 #[cfg(test)]
-use crate::expectations::ExpectedFailure;
-use crate::scenario::{Expect, Verdict};
+use crate::run::expectations::ExpectedFailure;
+use crate::scenarios::{Expect, Verdict};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -302,10 +302,10 @@ fn escape(text: &str) -> String {
 pub(crate) mod tests {
     use super::*;
 
-    const SHOWN: CheckId = crate::checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR;
+    const SHOWN: CheckId = crate::run::checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR;
 
     fn b1() -> ExpectedFailure {
-        crate::expectations::test_failure("B1", &[SHOWN])
+        crate::run::expectations::test_failure("B1", &[SHOWN])
     }
 
     pub(crate) fn result(

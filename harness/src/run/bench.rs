@@ -18,9 +18,9 @@ use serde::Serialize;
 use p2prig_protocol::agent::SendOpcode;
 use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp};
 
-use crate::p2p::{self, with_held_value, Held};
 use crate::rig::Rig;
-use crate::scenario::ScenarioEnv;
+use crate::scenarios::p2p::{self, with_held_value, Held};
+use crate::scenarios::ScenarioEnv;
 
 const CMB_SLICE: (u64, u64) = (0x1000, 0x10000);
 

@@ -1,0 +1,9 @@
+//! Running scenarios and reporting: the plan runner, check names and expectations (data), verdicts, the terminal/JUnit/JSON/HTML reports, `list` and `bench`.
+
+pub mod bench;
+pub mod checks;
+pub mod expectations;
+pub mod html;
+pub mod list;
+pub mod report;
+pub mod runner;
