@@ -19,7 +19,7 @@ use p2prig_protocol::agent::SendOpcode;
 use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp};
 
 use crate::rig::Rig;
-use crate::scenarios::p2p::{self, with_held_value, Held};
+use crate::scenarios::steps::{self, with_held_value, Held};
 use crate::scenarios::ScenarioEnv;
 
 const CMB_SLICE: (u64, u64) = (0x1000, 0x10000);
@@ -61,16 +61,16 @@ fn measure(
     held: &mut Held,
     figures: &mut Vec<Figure>,
 ) -> Result<()> {
-    let device = p2p::open_device(rig, held)?;
-    let dmabuf = p2p::export(rig, held, device, 2, CMB_SLICE.0, CMB_SLICE.1, env)?;
-    let context = p2p::rdma_up(rig, held)?;
-    let pd = p2p::alloc_pd(rig, context, held)?;
-    let (_qp, _cq, target_qpn) = p2p::connect_to_target(rig, context, pd, held)?;
-    let ordinary = p2p::reg_mr(rig, held, pd, 1 << 20)?;
+    let device = steps::open_device(rig, held)?;
+    let dmabuf = steps::export(rig, held, device, 2, CMB_SLICE.0, CMB_SLICE.1, env)?;
+    let context = steps::rdma_up(rig, held)?;
+    let pd = steps::alloc_pd(rig, context, held)?;
+    let (_qp, _cq, target_qpn) = steps::connect_to_target(rig, context, pd, held)?;
+    let ordinary = steps::reg_mr(rig, held, pd, 1 << 20)?;
     let (ordinary_addr, ordinary_rkey) = (ordinary.addr, ordinary.rkey);
-    let (_cmb_mr, cmb_rkey) = p2p::reg_dmabuf(rig, held, pd, dmabuf, 0, CMB_SLICE.1)?
+    let (_cmb_mr, cmb_rkey) = steps::reg_dmabuf(rig, held, pd, dmabuf, 0, CMB_SLICE.1)?
         .map_err(|e| anyhow::anyhow!("reg_dmabuf_mr over the CMB: {e}"))?;
-    let local = p2p::target_mr(rig, 1 << 20)?;
+    let local = steps::target_mr(rig, 1 << 20)?;
 
     for (what, addr, rkey, big) in [
         ("ordinary MR", ordinary_addr, ordinary_rkey, 1u32 << 20),
@@ -102,15 +102,15 @@ fn measure(
             ),
         });
     }
-    let _ = p2p::target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });
-    let _ = p2p::target_call(rig, TargetOp::DeregisterMr { key: local });
+    let _ = steps::target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });
+    let _ = steps::target_call(rig, TargetOp::DeregisterMr { key: local });
 
-    let lb = p2p::connect_pair(rig, context, held)?;
-    let p2p::AgentMr { addr, rkey, .. } = p2p::reg_mr(rig, held, lb.pd(), 4096)?;
+    let lb = steps::connect_pair(rig, context, held)?;
+    let steps::AgentMr { addr, rkey, .. } = steps::reg_mr(rig, held, lb.pd(), 4096)?;
     let mut samples = Vec::new();
     for i in 0..iterations {
         let started = Instant::now();
-        let wc = p2p::post(
+        let wc = steps::post(
             rig,
             &lb,
             SendOpcode::RdmaWrite,
@@ -147,7 +147,7 @@ fn target_write(
         offset: 0,
         length,
     };
-    p2p::target_call(
+    steps::target_call(
         rig,
         TargetOp::PostWrite {
             qpn,
@@ -158,7 +158,7 @@ fn target_write(
             imm: None,
         },
     )?;
-    match p2p::target_poll_within(rig, qpn, 30_000)? {
+    match steps::target_poll_within(rig, qpn, 30_000)? {
         Some(c) if c.status == CompletionStatus::Success => Ok(()),
         other => bail!("target WRITE of {length} bytes: {other:?}"),
     }

@@ -2,11 +2,17 @@
 //! and why, and how an outcome is judged against that expectation.
 
 pub mod boot_check;
+pub mod cmb;
 pub mod device_identity;
+pub mod doorbell;
 pub mod export_args;
-pub mod p2p;
+pub mod map_leak;
 pub mod races;
+pub mod remote;
+pub mod revoke;
 pub mod smoke;
+pub mod steps;
+pub mod stray_command;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -77,35 +83,35 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "rxe imports BAR0's doorbell page as a dma-buf MR; an 8-byte RDMA WRITE of 7 at \
                   SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_doorbell,
+        run: crate::scenarios::doorbell::run_doorbell,
     },
     Scenario {
         name: "slice-routing",
         summary: "a write at offset k of a CMB-slice MR (BAR2 0x1000, 8 KiB) lands at BAR2 \
                   0x1000 + k in nvme-cmb, and nowhere else",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_slice_routing,
+        run: crate::scenarios::cmb::run_slice_routing,
     },
     Scenario {
         name: "cmb-roundtrip",
         summary: "RDMA READ of a CMB-slice MR returns the pattern nvme-cmb filled; an RDMA WRITE \
                   into it shows up in the device's CMB, byte-exact",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_cmb_roundtrip,
+        run: crate::scenarios::cmb::run_cmb_roundtrip,
     },
     Scenario {
         name: "stray-command-write",
         summary: "setting bus-master in PCI_COMMAND (decode stays on) does not disturb a live \
                   importer: its next write lands",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_stray_command_write,
+        run: crate::scenarios::stray_command::run_stray_command_write,
     },
     Scenario {
         name: "remote-doorbell",
         summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
                   guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_remote_doorbell,
+        run: crate::scenarios::remote::run_remote_doorbell,
     },
     Scenario {
         name: "remote-verbs",
@@ -113,39 +119,39 @@ pub const SCENARIOS: &[Scenario] = &[
                   receive; a WRITE with a deregistered rkey is NAKed 0x62 and errors its QP; the \
                   capture decodes with tshark",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_remote_verbs,
+        run: crate::scenarios::remote::run_remote_verbs,
     },
     Scenario {
         name: "revoke-on-vfio-reset",
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_revoke_on_vfio_reset,
+        run: crate::scenarios::revoke::run_revoke_on_vfio_reset,
     },
     Scenario {
         name: "revoke-on-flr",
         summary: "the same with an FLR initiated through the PCIe Device Control register",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_revoke_on_flr,
+        run: crate::scenarios::revoke::run_revoke_on_flr,
     },
     Scenario {
         name: "revoke-on-hot-reset",
         summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
                   downstream port)",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_revoke_on_hot_reset,
+        run: crate::scenarios::revoke::run_revoke_on_hot_reset,
     },
     Scenario {
         name: "revoke-on-mem-disable",
         summary: "the same with PCI_COMMAND memory decode cleared, then set again",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_revoke_on_mem_disable,
+        run: crate::scenarios::revoke::run_revoke_on_mem_disable,
     },
     Scenario {
         name: "revoke-on-d3",
         summary: "the same with PMCSR D3hot, then D0",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_revoke_on_d3,
+        run: crate::scenarios::revoke::run_revoke_on_d3,
     },
     Scenario {
         name: "revoke-on-close",
@@ -153,7 +159,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   gets a remote access error, nothing reaches the device, the MR deregisters \
                   cleanly and the console stays free of oopses",
         needs_debug: false,
-        run: crate::scenarios::p2p::run_revoke_on_close,
+        run: crate::scenarios::revoke::run_revoke_on_close,
     },
     Scenario {
         name: "release-races",
@@ -171,7 +177,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   page and 16 revoke/re-map cycles (decode off/on) of a registered one, which \
                   then still works; a kmemleak scan finds nothing (debug variant only)",
         needs_debug: true,
-        run: crate::scenarios::p2p::run_map_leak,
+        run: crate::scenarios::map_leak::run_map_leak,
     },
 ];
 

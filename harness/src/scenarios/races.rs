@@ -18,7 +18,7 @@ use p2prig_protocol::wire::ErrorReply;
 use crate::rig::Rig;
 use crate::run::checks;
 use crate::run::report::Suite;
-use crate::scenarios::p2p::{
+use crate::scenarios::steps::{
     alloc_pd, clear_memory_decode, doorbell_mr, events_since, expect_done, export, last_seq,
     open_device, rdma_up, reg_dmabuf, ring, with_held, with_held_value, Held, PAGE, RPC,
 };
