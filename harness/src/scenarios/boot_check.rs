@@ -3,7 +3,7 @@
 //! on eth0, a CMB slice exports as a dma-buf of the requested size through the flavor's uAPI,
 //! a debug build has started KASAN and kmemleak, and the kernel log holds no report.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 
@@ -12,10 +12,9 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use crate::rig::Rig;
 use crate::run::checks;
 use crate::run::report::Suite;
+use crate::scenarios::steps::{NVME_CLASS, RPC};
 use crate::scenarios::ScenarioEnv;
 
-const RPC: Duration = Duration::from_secs(30);
-const NVME_CLASS: u32 = 0x010802;
 /// The guest's address on the rig's RDMA network (the same as the P2P scenarios use).
 const GUEST_IP: &str = "10.0.2.15";
 /// The CMB slice: BAR2 (NVMe 1.4 3.1.11 CMBLOC.BIR), one page in, two pages long.

@@ -14,6 +14,7 @@ use crate::run::checks;
 use crate::run::report::Suite;
 use crate::scenarios::ScenarioEnv;
 
+use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 
 const CMB_SLICE_OFFSET: u64 = 0x1000;
@@ -65,7 +66,10 @@ pub fn run_slice_routing(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) ->
         suite.record(
             checks::WRITE_LANDS_AT_BAR2_SLICE_OFFSET,
             routed && strays.is_empty(),
-            format!("want BAR2+{want:#x}; device writes: {}", describe(&events)),
+            format!(
+                "want BAR2+{want:#x}; device writes: {}",
+                oracles::describe(&events)
+            ),
             Duration::ZERO,
         );
         Ok(())

@@ -13,10 +13,9 @@ use p2prig_protocol::event::EventKind;
 use crate::rig::Rig;
 use crate::run::checks;
 use crate::run::report::Suite;
+use crate::scenarios::steps::{open_nvme, NVME_CLASS, RPC};
 use crate::scenarios::ScenarioEnv;
 
-const RPC: Duration = Duration::from_secs(30);
-const NVME_CLASS: &str = "0x010802";
 /// IORESOURCE_MEM | IORESOURCE_MEM_64 in /sys/bus/pci/devices/*/resource flags.
 const IORESOURCE_MEM: u64 = 0x200;
 const IORESOURCE_MEM_64: u64 = 0x0010_0000;
@@ -32,7 +31,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let class = attr(rig, &bdf, "class")?;
     suite.record(
         checks::CLASS_CODE,
-        class.trim() == NVME_CLASS,
+        class.trim() == format!("{NVME_CLASS:#08x}"),
         format!("{bdf} class {}", class.trim()),
         t.elapsed(),
     );
@@ -87,7 +86,7 @@ pub fn run(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     );
 
     let t = Instant::now();
-    let device = crate::scenarios::export_args::open_nvme(rig)?;
+    let device = open_nvme(rig)?;
     let result = cmb_registers(rig, device, bar2_size);
     let _ = rig.agent_call(AgentOp::VfioClose { device }, RPC)?;
     let (ok, detail) = result?;

@@ -12,12 +12,10 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use crate::rig::Rig;
 use crate::run::checks::{self, CheckId};
 use crate::run::report::Suite;
+use crate::scenarios::steps::{open_nvme, PAGE, RPC};
 use crate::scenarios::ScenarioEnv;
 use p2prig_protocol::agent::DmabufUapi;
 
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-const NVME_CLASS: u32 = 0x010802;
-const PAGE: u64 = 0x1000;
 const EINVAL: i32 = libc::EINVAL;
 const ENODEV: i32 = libc::ENODEV;
 /// VFIO_PCI_ROM_REGION_INDEX and VFIO_PCI_CONFIG_REGION_INDEX.
@@ -50,7 +48,7 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     let device = open_nvme(rig)?;
     let result = check_cases(rig, env, suite, device);
     // Closed whatever happened, so the next scenario on this boot can open it.
-    let closed = rig.agent_call(AgentOp::VfioClose { device }, RPC_TIMEOUT)?;
+    let closed = rig.agent_call(AgentOp::VfioClose { device }, RPC)?;
     result?;
     closed.map_err(|e| anyhow::anyhow!("closing the VFIO device: {e}"))?;
     Ok(())
@@ -191,7 +189,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             "bar {} offset {:#x} length {:#x}",
             case.bar, case.offset, case.length
         );
-        let reply = rig.agent_call(op, RPC_TIMEOUT)?;
+        let reply = rig.agent_call(op, RPC)?;
         let (passed, detail) = match (&reply, case.want_size) {
             (Ok(AgentReply::Dmabuf { size, .. }), Some(want)) => (
                 *size == want,
@@ -220,7 +218,7 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
             (Ok(other), _) => (false, format!("{args}: unexpected reply {other:?}")),
         };
         if let Ok(AgentReply::Dmabuf { dmabuf, .. }) = reply {
-            if let Err(e) = rig.agent_call(AgentOp::DmabufClose { dmabuf }, RPC_TIMEOUT)? {
+            if let Err(e) = rig.agent_call(AgentOp::DmabufClose { dmabuf }, RPC)? {
                 bail!("closing the dma-buf of {args}: {e}");
             }
         }
@@ -239,32 +237,14 @@ fn check_cases(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, device: u32)
 /// How many fds the guest agent holds: every export above was closed or refused, so the
 /// count must come back to where it was.
 fn open_fds(rig: &mut Rig) -> Result<u64> {
-    match rig.agent_call(AgentOp::OpenFds, RPC_TIMEOUT)? {
+    match rig.agent_call(AgentOp::OpenFds, RPC)? {
         Ok(AgentReply::Value { value }) => Ok(value),
         other => bail!("open_fds: {other:?}"),
     }
 }
 
-/// Binds and opens the rig's NVMe function (idempotent across scenarios of one boot).
-pub fn open_nvme(rig: &mut Rig) -> Result<u32> {
-    let functions = match rig.agent_call(AgentOp::FindPci { class: NVME_CLASS }, RPC_TIMEOUT)? {
-        Ok(AgentReply::Pci { functions }) => functions,
-        other => bail!("find_pci {NVME_CLASS:#08x}: {other:?}"),
-    };
-    let [bdf] = functions.as_slice() else {
-        bail!("expected exactly one NVMe function in the guest, found {functions:?}");
-    };
-    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC_TIMEOUT)? {
-        bail!("binding {bdf} to vfio-pci: {e}");
-    }
-    match rig.agent_call(AgentOp::VfioOpen { bdf: bdf.clone() }, RPC_TIMEOUT)? {
-        Ok(AgentReply::Device { device }) => Ok(device),
-        other => bail!("opening {bdf} through VFIO: {other:?}"),
-    }
-}
-
 fn region_size(rig: &mut Rig, device: u32, index: u32) -> Result<u64> {
-    match rig.agent_call(AgentOp::VfioRegion { device, index }, RPC_TIMEOUT)? {
+    match rig.agent_call(AgentOp::VfioRegion { device, index }, RPC)? {
         Ok(AgentReply::Region { size, .. }) => Ok(size),
         other => bail!("VFIO region {index} info: {other:?}"),
     }

@@ -7,6 +7,7 @@ pub mod device_identity;
 pub mod doorbell;
 pub mod export_args;
 pub mod map_leak;
+pub mod oracles;
 pub mod races;
 pub mod remote;
 pub mod revoke;

@@ -14,6 +14,7 @@ use crate::run::checks;
 use crate::run::report::Suite;
 use crate::scenarios::ScenarioEnv;
 
+use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 
 /// roce-target (the RDMA NIC's peer) writes 7 into the guest's dma-buf MR over BAR0's
@@ -44,11 +45,10 @@ fn remote_doorbell(
         format!("{completion:?} (target qpn {target_qpn})"),
         t.elapsed(),
     );
-    let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
         checks::DEVICE_SEES_ONE_DOORBELL_WRITE,
-        value == Some(7) && only_these && !events.is_empty(),
-        format!("at BAR0+{SQ1TDBL:#x}: {}", describe(&events)),
+        oracles::written(&events, SQ1TDBL, 8).exactly(7),
+        format!("at BAR0+{SQ1TDBL:#x}: {}", oracles::describe(&events)),
         Duration::ZERO,
     );
     let _ = target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });

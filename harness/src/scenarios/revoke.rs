@@ -16,6 +16,7 @@ use crate::run::checks;
 use crate::run::report::Suite;
 use crate::scenarios::ScenarioEnv;
 
+use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 
 /// How a revoke window is opened and closed.
@@ -289,15 +290,13 @@ fn revoke_window(
     let t = Instant::now();
     let (_, _, target_qpn) = connect_to_target(rig, context, lb.pd(), held)?;
     let (target_wc, events) = target_ring(rig, target_qpn, rkey, 12, 4)?;
-    let (value, only_these) = written_qword(&events, SQ1TDBL);
     suite.record(
         checks::TARGET_WRITE_LANDS_AFTER_RESTORE,
         matches!(&target_wc, Some(c) if c.status == CompletionStatus::Success)
-            && value == Some(12)
-            && only_these,
+            && oracles::written(&events, SQ1TDBL, 8).exactly(12),
         format!(
             "{target_wc:?}; device at BAR0+{SQ1TDBL:#x}: {}",
-            describe(&events)
+            oracles::describe(&events)
         ),
         t.elapsed(),
     );

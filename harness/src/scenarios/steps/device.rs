@@ -1,18 +1,19 @@
 //! nvme-cmb's side of the bus: its event log since a mark, the doorbell MR and the oracle that
-//! a doorbell write landed exactly once with the value written.
+//! a doorbell write landed exactly once with the value written (judged by `oracles`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
 use p2prig_protocol::agent::{Completion, SendOpcode};
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
-use p2prig_protocol::event::{Access as BarAccess, Event, EventKind};
+use p2prig_protocol::event::Event;
 
 use crate::rig::Rig;
 use crate::scenarios::ScenarioEnv;
 
 use super::*;
+use crate::scenarios::oracles;
 
 pub(crate) fn last_seq(rig: &mut Rig) -> Result<u64> {
     match rig.device_call(DeviceOp::EventsSince {
@@ -31,18 +32,41 @@ pub(crate) fn events_since(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
     }
 }
 
-/// Waits briefly so posted MMIO writes have reached the device, then returns BAR0 doorbell
-/// page accesses (and violations there) after `since`.
+/// How long the doorbell page must stay quiet before its events are judged: posted writes
+/// reach the device after the store (or the RDMA completion) the guest saw, and a duplicate or
+/// stray access must have had the time to show too.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// BAR0 doorbell-page accesses (and violations there) after `since`, once the page has been
+/// quiet for [`QUIET`]: as soon as that if nothing comes (a refused write), later if events
+/// keep arriving.
 pub(crate) fn doorbell_events(rig: &mut Rig, since: u64) -> Result<Vec<Event>> {
-    std::thread::sleep(Duration::from_millis(500));
-    Ok(events_since(rig, since)?
-        .into_iter()
-        .filter(|e| {
-            matches!(&e.kind,
-            EventKind::Bar { bar: 0, offset, .. } | EventKind::Violation { bar: 0, offset, .. }
-                if (PAGE..2 * PAGE).contains(offset))
-        })
-        .collect())
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut found: Vec<Event> = Vec::new();
+    let mut quiet_until = Instant::now() + QUIET;
+    let mut cursor = since;
+    loop {
+        let DeviceReply::Events {
+            events, last_seq, ..
+        } = rig.device_call(DeviceOp::EventsSince {
+            since: cursor,
+            limit: None,
+        })?
+        else {
+            bail!("nvme-cmb: unexpected reply to events_since");
+        };
+        cursor = last_seq.max(cursor);
+        let before = found.len();
+        found.extend(events.into_iter().filter(oracles::in_doorbell_page));
+        if found.len() > before {
+            quiet_until = Instant::now() + QUIET;
+        }
+        if Instant::now() >= quiet_until || Instant::now() >= deadline {
+            return Ok(found);
+        }
+        crate::rig::process::check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A loopback pair and an MR over BAR0's doorbell page, on an open VFIO device.
@@ -85,15 +109,14 @@ impl Ring {
 
     /// The write completed and the device saw exactly it, nothing else in the page.
     pub(crate) fn landed(&self) -> bool {
-        let (value, only_these) = written_qword(&self.events, SQ1TDBL);
-        self.succeeded() && value == Some(self.value) && only_these
+        self.succeeded() && oracles::written(&self.events, SQ1TDBL, 8).exactly(self.value)
     }
 
     pub(crate) fn detail(&self) -> String {
         format!(
             "{}; device at BAR0+{SQ1TDBL:#x}: {}",
             status_text(&self.completion),
-            describe(&self.events)
+            oracles::describe(&self.events)
         )
     }
 }
@@ -121,82 +144,4 @@ pub(crate) fn ring(
         events,
         value,
     })
-}
-
-/// The bytes written into [offset, offset + 8) by BAR0 write events, and whether every event
-/// was a write inside that range.
-pub(crate) fn written_qword(events: &[Event], offset: u64) -> (Option<u64>, bool) {
-    let mut bytes = [None::<u8>; 8];
-    let mut only_these = true;
-    for e in events {
-        match &e.kind {
-            EventKind::Bar {
-                access: BarAccess::Write,
-                offset: o,
-                size,
-                value: Some(v),
-                ..
-            } if *o >= offset && *o + u64::from(*size) <= offset + 8 => {
-                for i in 0..*size as usize {
-                    bytes[(*o - offset) as usize + i] = Some((v >> (8 * i)) as u8);
-                }
-            }
-            _ => only_these = false,
-        }
-    }
-    let value = bytes
-        .iter()
-        .enumerate()
-        .try_fold(0u64, |acc, (i, b)| b.map(|b| acc | u64::from(b) << (8 * i)));
-    (value, only_these)
-}
-
-pub(crate) fn describe(events: &[Event]) -> String {
-    serde_json::to_string(events).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(seq: u64, offset: u64, size: u32, value: u64) -> Event {
-        Event {
-            seq,
-            mono_ns: seq,
-            generation: 0,
-            kind: EventKind::Bar {
-                access: BarAccess::Write,
-                bar: 0,
-                offset,
-                size,
-                value: Some(value),
-                data: None,
-            },
-        }
-    }
-
-    #[test]
-    fn one_qword_or_two_dwords_make_the_same_value() {
-        assert_eq!(
-            written_qword(&[write(1, 0x1008, 8, 7)], 0x1008),
-            (Some(7), true)
-        );
-        assert_eq!(
-            written_qword(&[write(1, 0x1008, 4, 7), write(2, 0x100c, 4, 0)], 0x1008),
-            (Some(7), true)
-        );
-    }
-
-    #[test]
-    fn partial_or_stray_writes_do_not_count() {
-        assert_eq!(
-            written_qword(&[write(1, 0x1008, 4, 7)], 0x1008).0,
-            None,
-            "upper half missing"
-        );
-        let (value, only) =
-            written_qword(&[write(1, 0x1008, 8, 7), write(2, 0x1000, 4, 1)], 0x1008);
-        assert_eq!(value, Some(7));
-        assert!(!only, "a write to SQ0TDBL is a stray access");
-    }
 }

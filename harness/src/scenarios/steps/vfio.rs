@@ -6,7 +6,6 @@ use anyhow::{bail, Result};
 use p2prig_protocol::agent::{AgentOp, AgentReply};
 
 use crate::rig::Rig;
-use crate::scenarios::export_args::open_nvme;
 use crate::scenarios::ScenarioEnv;
 
 use super::*;
@@ -108,5 +107,26 @@ pub(crate) fn config_read(rig: &mut Rig, device: u32, offset: u64, width: u8) ->
     )? {
         AgentReply::Value { value } => Ok(value),
         other => bail!("config read: unexpected {other:?}"),
+    }
+}
+
+/// The class code of nvme-cmb (NVMe, I/O controller interface).
+pub(crate) const NVME_CLASS: u32 = 0x010802;
+
+/// Binds and opens the rig's NVMe function (idempotent across scenarios of one boot).
+pub(crate) fn open_nvme(rig: &mut Rig) -> Result<u32> {
+    let functions = match rig.agent_call(AgentOp::FindPci { class: NVME_CLASS }, RPC)? {
+        Ok(AgentReply::Pci { functions }) => functions,
+        other => bail!("find_pci {NVME_CLASS:#08x}: {other:?}"),
+    };
+    let [bdf] = functions.as_slice() else {
+        bail!("expected exactly one NVMe function in the guest, found {functions:?}");
+    };
+    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC)? {
+        bail!("binding {bdf} to vfio-pci: {e}");
+    }
+    match rig.agent_call(AgentOp::VfioOpen { bdf: bdf.clone() }, RPC)? {
+        Ok(AgentReply::Device { device }) => Ok(device),
+        other => bail!("opening {bdf} through VFIO: {other:?}"),
     }
 }
