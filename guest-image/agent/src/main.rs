@@ -6,6 +6,8 @@
 
 mod dispatch;
 mod error;
+#[cfg(test)]
+mod fake;
 mod kmsg;
 mod log;
 mod mmio;

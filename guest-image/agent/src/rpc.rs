@@ -221,7 +221,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::fake::FakePlatform;
+    use crate::fake::FakePlatform;
     use p2prig_protocol::agent::READY_BANNER;
     use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
