@@ -1,0 +1,593 @@
+//! The RC engine: ARP for the target's address, RoCEv2 RC requester and responder
+//! (IBTA 9.7: reliable service; Annex A17 for the RoCEv2 encapsulation), completions,
+//! counters and pcap.
+//!
+//! It owns no thread and no clock: frames come in through [`Engine::receive`], leave
+//! through a [`Link`], and timers advance when the caller passes `now` to
+//! [`Engine::tick`]. Two engines joined by a loopback link therefore run a whole RC
+//! exchange deterministically in a unit test.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use etherparse::ArpOperation;
+use p2prig_protocol::target::{
+    Completion, MrAccess, MrInfo, QpEndpoint, QpSettings, QpStateName, QpStatus, Sge, TargetStats,
+};
+
+use crate::frame::{self, format_mac, gid_of, FrameError, Incoming};
+use crate::headers::{packet_count, psn_add, OpKind, Packet, PSN_MASK};
+use crate::memory::{MemoryError, MemoryRegions};
+use crate::pcap::PcapWriter;
+
+mod qp;
+mod requester;
+mod responder;
+mod wire;
+
+use qp::*;
+use requester::*;
+use responder::*;
+use wire::*;
+
+/// Where frames go: the guest's virtio-net RX queue, or another engine in a test.
+pub trait Link: Send {
+    /// Hands one Ethernet frame (no FCS) to the other side; false when it was dropped.
+    fn transmit(&mut self, frame: &[u8]) -> bool;
+}
+
+/// PSNs a requester keeps unacknowledged at most (rxe's limit, reference "at most 128").
+pub const MAX_INFLIGHT_PSNS: i32 = 128;
+/// AckReq on every this many packets of a long message, so the window keeps moving.
+const ACK_REQ_EVERY: u32 = 64;
+/// Largest message one work request may carry (IBTA 9.7.2 allows 2^31; 1 GiB keeps any
+/// message inside half the PSN space at a 256-byte MTU).
+pub const MAX_MESSAGE_BYTES: u32 = 1 << 30;
+/// Completions kept until polled.
+pub const MAX_COMPLETIONS: usize = 65_536;
+/// READ requests remembered for duplicate replay (IBTA 9.7.5.1.6 wants as many as
+/// max_dest_rd_atomic; rxe allows up to 16).
+const READ_HISTORY: usize = 16;
+/// Retry counts of 7 mean "retry forever" (IBTA 9.7.6.2.1 for rnr_retry; rxe treats
+/// retry_cnt the same way).
+const INFINITE_RETRIES: u8 = 7;
+
+/// Longest gap between two ARP requests for the same address.
+const ARP_INTERVAL: Duration = Duration::from_millis(100);
+const FIRST_QPN: u32 = 0x11;
+
+/// Why an operation on the engine failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("no QP {0:#x}")]
+    NoSuchQp(u32),
+    #[error("QP {qpn:#x} is in state {state:?}; {needed}")]
+    BadState {
+        qpn: u32,
+        state: QpStateName,
+        needed: &'static str,
+    },
+    #[error("path MTU {0} is not 256, 512, 1024, 2048 or 4096")]
+    BadPathMtu(u32),
+    #[error("{0} is not an IPv4 address or an IPv4-mapped GID")]
+    BadAddress(String),
+    #[error("{0} is not a MAC address")]
+    BadMac(String),
+    #[error("message of {0} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")]
+    MessageTooLong(u32),
+    #[error("all QP numbers are in use")]
+    NoQpNumbers,
+    #[error("{0}")]
+    Memory(#[from] MemoryError),
+    #[error("pcap: {0}")]
+    Pcap(String),
+}
+
+/// Where an RDMA WRITE or READ goes in the peer's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteBuffer {
+    pub va: u64,
+    pub rkey: u32,
+}
+
+/// The target's own addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            mac: [0x52, 0x54, 0x00, 0x00, 0x00, 0x02],
+            ip: Ipv4Addr::new(10, 0, 2, 2),
+        }
+    }
+}
+
+/// The RC engine of the target.
+#[derive(Debug)]
+pub struct Engine {
+    wire: Wire,
+    qps: BTreeMap<u32, Qp>,
+    next_qpn: u32,
+    mrs: MemoryRegions,
+    cq: CompletionQueue,
+    pcap_seq: u64,
+}
+
+fn random_u32() -> u32 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    hasher.finish() as u32
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, link: Box<dyn Link>) -> Self {
+        Self {
+            wire: Wire {
+                config,
+                link,
+                neighbours: HashMap::new(),
+                arp_sent_at: HashMap::new(),
+                ip_id: random_u32() as u16,
+                pcap: None,
+                stats: TargetStats::default(),
+                frame: Vec::with_capacity(4200),
+            },
+            qps: BTreeMap::new(),
+            next_qpn: FIRST_QPN,
+            mrs: MemoryRegions::default(),
+            cq: CompletionQueue::default(),
+            pcap_seq: 0,
+        }
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.wire.config
+    }
+
+    /// Counters; `connections` is kept by the caller that owns the transport.
+    pub fn stats(&self) -> TargetStats {
+        self.wire.stats.clone()
+    }
+
+    pub fn stats_mut(&mut self) -> &mut TargetStats {
+        &mut self.wire.stats
+    }
+
+    /// Records a MAC for an IP, as a static neighbour entry would.
+    pub fn add_neighbour(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+        self.wire.neighbours.insert(ip, mac);
+    }
+
+    /// Broadcasts a gratuitous ARP for the target's address.
+    pub fn announce(&mut self) {
+        self.wire.stats.arp_sent += 1;
+        let frame = frame::gratuitous_arp(self.wire.config.mac, self.wire.config.ip);
+        self.wire.emit(&frame);
+    }
+
+    // ---- memory ----
+
+    pub fn register_mr(&mut self, length: u64, access: &[MrAccess]) -> Result<MrInfo, EngineError> {
+        Ok(self.mrs.register(length, access)?.info())
+    }
+
+    pub fn deregister_mr(&mut self, key: u32) -> Result<(), EngineError> {
+        Ok(self.mrs.deregister(key)?)
+    }
+
+    pub fn mr_read(&self, key: u32, offset: u64, length: u64) -> Result<Vec<u8>, EngineError> {
+        Ok(self.mrs.slice(key, offset, length)?.to_vec())
+    }
+
+    pub fn mr_write(&mut self, key: u32, offset: u64, bytes: &[u8]) -> Result<(), EngineError> {
+        Ok(self.mrs.write(key, offset, bytes)?)
+    }
+
+    /// Fills `length` bytes at `offset` with `pattern` repeated.
+    pub fn mr_fill(
+        &mut self,
+        key: u32,
+        offset: u64,
+        length: u64,
+        pattern: &[u8],
+    ) -> Result<(), EngineError> {
+        let region = self.mrs.get_mut(key)?;
+        let range = region.range(offset, length)?;
+        if !pattern.is_empty() {
+            for (byte, value) in region.data[range].iter_mut().zip(pattern.iter().cycle()) {
+                *byte = *value;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- QPs ----
+
+    fn endpoint(&self, qp: &Qp) -> QpEndpoint {
+        QpEndpoint {
+            qpn: qp.qpn,
+            psn: qp.initial_psn,
+            gid: gid_of(self.wire.config.ip),
+            ip: self.wire.config.ip.to_string(),
+            mac: format_mac(self.wire.config.mac),
+            path_mtu: qp.pmtu,
+        }
+    }
+
+    pub fn create_qp(&mut self, settings: &QpSettings) -> Result<QpEndpoint, EngineError> {
+        let mut qpn = None;
+        for _ in 0..=PSN_MASK {
+            let candidate = self.next_qpn;
+            self.next_qpn = if candidate >= PSN_MASK {
+                FIRST_QPN
+            } else {
+                candidate + 1
+            };
+            if !self.qps.contains_key(&candidate) {
+                qpn = Some(candidate);
+                break;
+            }
+        }
+        let qpn = qpn.ok_or(EngineError::NoQpNumbers)?;
+        let qp = Qp::new(qpn, settings, settings.psn.unwrap_or_else(random_u32))?;
+        let endpoint = self.endpoint(&qp);
+        self.qps.insert(qpn, qp);
+        Ok(endpoint)
+    }
+
+    fn qp_mut(&mut self, qpn: u32) -> Result<&mut Qp, EngineError> {
+        self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))
+    }
+
+    /// INIT -> RTR -> RTS in one step toward the guest's QP (IBTA 10.3.1 state diagram).
+    pub fn connect(
+        &mut self,
+        qpn: u32,
+        remote_qpn: u32,
+        remote_psn: u32,
+        remote_ip: Ipv4Addr,
+        remote_mac: Option<[u8; 6]>,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let qp = self.qp_mut(qpn)?;
+        if qp.state != QpStateName::Init {
+            return Err(EngineError::BadState {
+                qpn,
+                state: qp.state,
+                needed: "connect needs a new or reset QP",
+            });
+        }
+        qp.remote = Some(Remote {
+            qpn: remote_qpn & PSN_MASK,
+            ip: remote_ip,
+        });
+        qp.epsn = remote_psn & PSN_MASK;
+        qp.state = QpStateName::Rts;
+        if let Some(mac) = remote_mac {
+            self.wire.neighbours.insert(remote_ip, mac);
+        } else if !self.wire.neighbours.contains_key(&remote_ip) {
+            self.wire.arp_for(remote_ip, now);
+        }
+        Ok(())
+    }
+
+    pub fn query_qp(&self, qpn: u32) -> Result<QpStatus, EngineError> {
+        self.qps
+            .get(&qpn)
+            .map(Qp::status)
+            .ok_or(EngineError::NoSuchQp(qpn))
+    }
+
+    /// Flushes every outstanding request and returns the QP to INIT with a new PSN.
+    pub fn reset_qp(&mut self, qpn: u32, psn: Option<u32>) -> Result<QpEndpoint, EngineError> {
+        let qp = self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
+        flush(qp, &mut self.cq, &mut self.wire.stats);
+        let settings = QpSettings {
+            path_mtu: Some(qp.pmtu),
+            psn: None,
+            ack_timeout_ms: Some(qp.ack_timeout.as_millis() as u64),
+            retry_cnt: Some(qp.retries.limit()),
+            rnr_retry: Some(qp.rnr_retries.limit()),
+            min_rnr_timer: Some(qp.min_rnr_timer),
+            max_rd_atomic: Some(qp.max_rd_atomic),
+        };
+        *qp = Qp::new(qpn, &settings, psn.unwrap_or_else(random_u32))?;
+        let endpoint = self.endpoint(&self.qps[&qpn]);
+        Ok(endpoint)
+    }
+
+    pub fn destroy_qp(&mut self, qpn: u32) -> Result<(), EngineError> {
+        let mut qp = self.qps.remove(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
+        flush(&mut qp, &mut self.cq, &mut self.wire.stats);
+        Ok(())
+    }
+
+    // ---- posting ----
+
+    pub fn post_recv(&mut self, qpn: u32, wr_id: u64, local: Sge) -> Result<(), EngineError> {
+        self.mrs.check_local(
+            local.key,
+            local.offset,
+            u64::from(local.length),
+            Some(MrAccess::LocalWrite),
+        )?;
+        let qp = self.qp_mut(qpn)?;
+        if qp.state == QpStateName::Error {
+            return Err(EngineError::BadState {
+                qpn,
+                state: qp.state,
+                needed: "receives need INIT or RTS",
+            });
+        }
+        qp.recvs.push_back(RecvWqe { wr_id, local });
+        Ok(())
+    }
+
+    pub fn post_write(
+        &mut self,
+        qpn: u32,
+        wr_id: u64,
+        local: Sge,
+        remote: RemoteBuffer,
+        imm: Option<u32>,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let data = self.snapshot(local)?;
+        let op = WqeOp::Write {
+            remote_va: remote.va,
+            rkey: remote.rkey,
+            imm,
+            data,
+        };
+        self.post(qpn, wr_id, op, local.length, now)
+    }
+
+    pub fn post_send(
+        &mut self,
+        qpn: u32,
+        wr_id: u64,
+        local: Sge,
+        imm: Option<u32>,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let data = self.snapshot(local)?;
+        self.post(qpn, wr_id, WqeOp::Send { imm, data }, local.length, now)
+    }
+
+    pub fn post_read(
+        &mut self,
+        qpn: u32,
+        wr_id: u64,
+        local: Sge,
+        remote: RemoteBuffer,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        self.mrs.check_local(
+            local.key,
+            local.offset,
+            u64::from(local.length),
+            Some(MrAccess::LocalWrite),
+        )?;
+        let op = WqeOp::Read {
+            remote_va: remote.va,
+            rkey: remote.rkey,
+            local,
+        };
+        self.post(qpn, wr_id, op, local.length, now)
+    }
+
+    fn snapshot(&self, local: Sge) -> Result<Vec<u8>, EngineError> {
+        if local.length > MAX_MESSAGE_BYTES {
+            return Err(EngineError::MessageTooLong(local.length));
+        }
+        Ok(self
+            .mrs
+            .slice(local.key, local.offset, u64::from(local.length))?
+            .to_vec())
+    }
+
+    fn post(
+        &mut self,
+        qpn: u32,
+        wr_id: u64,
+        op: WqeOp,
+        length: u32,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        if length > MAX_MESSAGE_BYTES {
+            return Err(EngineError::MessageTooLong(length));
+        }
+        let qp = self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
+        if qp.state != QpStateName::Rts {
+            return Err(EngineError::BadState {
+                qpn,
+                state: qp.state,
+                needed: "sends need RTS (connect first)",
+            });
+        }
+        let packets = packet_count(u64::from(length), qp.pmtu);
+        qp.wqes.push_back(SendWqe {
+            wr_id,
+            op,
+            length,
+            first_psn: qp.next_psn,
+            packets,
+            read_done: 0,
+        });
+        qp.next_psn = psn_add(qp.next_psn, packets);
+        pump(qp, &mut self.wire, &mut self.cq, &self.mrs, now);
+        Ok(())
+    }
+
+    /// Takes up to `max` completions (of `qpn`, or of every QP), oldest first.
+    pub fn poll_cq(&mut self, qpn: Option<u32>, max: usize) -> Vec<Completion> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.cq.entries.len());
+        while let Some(entry) = self.cq.entries.pop_front() {
+            if taken.len() < max && qpn.is_none_or(|q| q == entry.qpn) {
+                taken.push(entry);
+            } else {
+                kept.push_back(entry);
+            }
+        }
+        self.cq.entries = kept;
+        taken
+    }
+
+    pub fn completions_pending(&self) -> usize {
+        self.cq.entries.len()
+    }
+
+    // ---- pcap ----
+
+    /// Starts a capture to `dir/name` (default `capture-<n>.pcap`), closing any running one.
+    pub fn pcap_start(&mut self, dir: &Path, name: Option<&str>) -> Result<String, EngineError> {
+        self.pcap_stop();
+        self.pcap_seq += 1;
+        let name = match name {
+            Some(name) => {
+                let valid = !name.is_empty()
+                    && !name.starts_with('.')
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                if !valid {
+                    return Err(EngineError::Pcap(format!(
+                        "{name:?} is not a plain file name (letters, digits, - _ .)"
+                    )));
+                }
+                name.to_string()
+            }
+            None => format!("capture-{}.pcap", self.pcap_seq),
+        };
+        let path = dir.join(name);
+        let writer = PcapWriter::create(&path)
+            .map_err(|e| EngineError::Pcap(format!("creating {}: {e}", path.display())))?;
+        self.wire.pcap = Some(writer);
+        Ok(path.display().to_string())
+    }
+
+    /// Closes the capture; returns its path and frame count.
+    pub fn pcap_stop(&mut self) -> Option<(String, u64)> {
+        let mut writer = self.wire.pcap.take()?;
+        if writer.flush().is_err() {
+            self.wire.stats.pcap_errors += 1;
+        }
+        Some((writer.path().display().to_string(), writer.frames()))
+    }
+
+    pub fn pcap_status(&self) -> Option<(String, u64)> {
+        self.wire
+            .pcap
+            .as_ref()
+            .map(|w| (w.path().display().to_string(), w.frames()))
+    }
+
+    // ---- time ----
+
+    /// Runs the retransmission and RNR timers (IBTA 9.7.6.1.1, 9.7.5.2.8) and flushes the
+    /// capture. Call often (every millisecond or so).
+    pub fn tick(&mut self, now: Instant) {
+        for qp in self.qps.values_mut() {
+            tick_qp(qp, &mut self.wire, &mut self.cq, &self.mrs, now);
+        }
+        if let Some(pcap) = &mut self.wire.pcap {
+            if pcap.flush().is_err() {
+                self.wire.stats.pcap_errors += 1;
+            }
+        }
+    }
+
+    // ---- frames in ----
+
+    /// Handles one Ethernet frame from the link. Never panics, whatever the bytes.
+    pub fn receive(&mut self, bytes: &[u8], now: Instant) {
+        self.wire.stats.frames_in += 1;
+        self.wire.capture(bytes);
+        let config = self.wire.config;
+        match frame::parse_frame(bytes, config.mac, config.ip) {
+            Err(FrameError::NotOurs(_)) => self.wire.stats.dropped_not_ours += 1,
+            Err(FrameError::Malformed(_)) => self.wire.stats.dropped_malformed += 1,
+            Err(FrameError::BadIcrc { .. }) => self.wire.stats.dropped_bad_icrc += 1,
+            Ok(Incoming::Arp { packet }) => self.on_arp(&packet),
+            Ok(Incoming::Roce(roce)) => {
+                self.wire.stats.roce_in += 1;
+                self.on_roce(&roce, now)
+            }
+        }
+    }
+
+    fn on_arp(&mut self, packet: &etherparse::ArpEthIpv4Packet) {
+        let config = self.wire.config;
+        let sender = packet.sender_ipv4_addr();
+        // Learn from every ARP (requests, replies, announcements), as RFC 826 suggests,
+        // but never an entry for our own address or the unspecified one of a probe.
+        if !sender.is_unspecified() && sender != config.ip {
+            self.wire.neighbours.insert(sender, packet.sender_mac);
+        }
+        if packet.operation == ArpOperation::REQUEST && packet.target_ipv4_addr() == config.ip {
+            self.wire.stats.arp_requests_answered += 1;
+            let reply = frame::arp_reply(packet, config.mac, config.ip);
+            self.wire.emit(&reply);
+        } else if packet.operation != ArpOperation::REPLY {
+            self.wire.stats.dropped_not_ours += 1;
+        }
+    }
+
+    fn on_roce(&mut self, roce: &frame::RoceFrame<'_>, now: Instant) {
+        let packet = match Packet::parse(roce.transport) {
+            Ok(packet) => packet,
+            Err(_) => {
+                self.wire.stats.dropped_malformed += 1;
+                return;
+            }
+        };
+        // P_Key match ignoring the membership bit (IBTA 10.9.3); rxe only has 0xFFFF.
+        if packet.bth.pkey & 0x7FFF != 0x7FFF {
+            self.wire.stats.dropped_malformed += 1;
+            return;
+        }
+        let Some(qp) = self.qps.get_mut(&packet.bth.dest_qp) else {
+            self.wire.stats.dropped_unknown_qp += 1;
+            return;
+        };
+        // A QP only talks to the address it was connected to (reference: rxe checks both
+        // IPs the same way).
+        if qp.state != QpStateName::Rts || qp.remote.is_none_or(|r| r.ip != roce.src_ip) {
+            self.wire.stats.dropped_qp_state += 1;
+            return;
+        }
+        self.wire.neighbours.insert(roce.src_ip, roce.src_mac);
+        match packet.info.kind {
+            OpKind::Ack | OpKind::AtomicAck | OpKind::ReadResponse => on_response(
+                qp,
+                &mut self.wire,
+                &mut self.cq,
+                &mut self.mrs,
+                &packet,
+                now,
+            ),
+            OpKind::Send | OpKind::Write | OpKind::ReadRequest | OpKind::Atomic => on_request(
+                qp,
+                &mut self.wire,
+                &mut self.cq,
+                &mut self.mrs,
+                &packet,
+                now,
+            ),
+        }
+    }
+}

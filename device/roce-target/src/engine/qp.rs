@@ -1,0 +1,358 @@
+//! Queue pairs and what hangs off them: work requests, completion queues, retry budgets, and
+//! the transitions that complete, flush or fail them (IBTA 9.7, 10.3).
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use p2prig_protocol::target::{
+    Completion, CompletionOpcode, CompletionStatus, QpSettings, QpStateName, QpStatus, Sge,
+    TargetStats,
+};
+
+use crate::headers::{psn_add, psn_diff, NAK_INVALID_REQUEST, NAK_REMOTE_ACCESS, PSN_MASK};
+
+use super::*;
+
+/// A retry counter: `take` spends one retry and says whether there was one to spend; a limit
+/// of [`INFINITE_RETRIES`] never runs out. Progress (an ACK) refills it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RetryBudget {
+    pub(super) limit: u8,
+    pub(super) left: u8,
+}
+
+impl RetryBudget {
+    pub(super) fn new(limit: u8) -> Self {
+        let limit = limit.min(INFINITE_RETRIES);
+        Self { limit, left: limit }
+    }
+
+    pub(super) fn take(&mut self) -> bool {
+        if self.limit == INFINITE_RETRIES {
+            return true;
+        }
+        match self.left.checked_sub(1) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn refill(&mut self) {
+        self.left = self.limit;
+    }
+
+    pub(super) fn limit(self) -> u8 {
+        self.limit
+    }
+}
+/// A posted send-queue work request and the PSNs it took.
+#[derive(Debug, Clone)]
+pub(super) struct SendWqe {
+    pub(super) wr_id: u64,
+    pub(super) op: WqeOp,
+    pub(super) length: u32,
+    pub(super) first_psn: u32,
+    pub(super) packets: u32,
+    /// READ: response packets received in order so far.
+    pub(super) read_done: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum WqeOp {
+    /// The data is copied at post time (a snapshot, so a later MR change or
+    /// deregistration cannot make a retransmission differ from the first try).
+    Write {
+        remote_va: u64,
+        rkey: u32,
+        imm: Option<u32>,
+        data: Vec<u8>,
+    },
+    Send {
+        imm: Option<u32>,
+        data: Vec<u8>,
+    },
+    Read {
+        remote_va: u64,
+        rkey: u32,
+        local: Sge,
+    },
+}
+
+impl SendWqe {
+    pub(super) fn last_psn(&self) -> u32 {
+        psn_add(self.first_psn, self.packets - 1)
+    }
+
+    pub(super) fn end_psn(&self) -> u32 {
+        psn_add(self.first_psn, self.packets)
+    }
+
+    pub(super) fn contains(&self, psn: u32) -> bool {
+        let d = psn_diff(psn, self.first_psn);
+        d >= 0 && (d as u32) < self.packets
+    }
+
+    pub(super) fn is_read(&self) -> bool {
+        matches!(self.op, WqeOp::Read { .. })
+    }
+
+    pub(super) fn opcode(&self) -> CompletionOpcode {
+        match self.op {
+            WqeOp::Write { .. } => CompletionOpcode::Write,
+            WqeOp::Send { .. } => CompletionOpcode::Send,
+            WqeOp::Read { .. } => CompletionOpcode::Read,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RecvWqe {
+    pub(super) wr_id: u64,
+    pub(super) local: Sge,
+}
+
+/// A multi-packet message the responder is in the middle of (IBTA 9.7.5.1.1 opcode
+/// sequence checks).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum InProgress {
+    Send {
+        received: u32,
+    },
+    Write {
+        key: u32,
+        offset: u64,
+        total: u32,
+        received: u32,
+    },
+}
+
+/// An executed READ request, kept to replay on a duplicate (IBTA 9.7.5.1.6).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReadRecord {
+    pub(super) first_psn: u32,
+    pub(super) packets: u32,
+    pub(super) va: u64,
+    pub(super) rkey: u32,
+    pub(super) length: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Remote {
+    pub(super) qpn: u32,
+    pub(super) ip: Ipv4Addr,
+}
+
+#[derive(Debug)]
+pub(super) struct Qp {
+    pub(super) qpn: u32,
+    pub(super) state: QpStateName,
+    pub(super) pmtu: u32,
+    pub(super) ack_timeout: Duration,
+    /// Transport retries (retry_cnt: ACK timeouts and PSN-sequence NAKs).
+    pub(super) retries: RetryBudget,
+    /// RNR NAK retries (rnr_retry).
+    pub(super) rnr_retries: RetryBudget,
+    pub(super) min_rnr_timer: u8,
+    pub(super) max_rd_atomic: u8,
+    pub(super) initial_psn: u32,
+    pub(super) udp_sport: u16,
+    pub(super) remote: Option<Remote>,
+    // Requester (IBTA 9.7.4, 9.7.5.2).
+    pub(super) next_psn: u32,
+    pub(super) send_psn: u32,
+    /// One past the highest PSN ever sent; anything sent below it is a retransmission.
+    pub(super) sent_high: u32,
+    pub(super) una: u32,
+    pub(super) wqes: VecDeque<SendWqe>,
+    pub(super) timer_start: Option<Instant>,
+    pub(super) rnr_until: Option<Instant>,
+    // Responder (IBTA 9.7.5.1).
+    pub(super) epsn: u32,
+    pub(super) msn: u32,
+    pub(super) seq_nak_sent: bool,
+    pub(super) in_progress: Option<InProgress>,
+    pub(super) recvs: VecDeque<RecvWqe>,
+    pub(super) reads: VecDeque<ReadRecord>,
+}
+
+impl Qp {
+    pub(super) fn new(qpn: u32, settings: &QpSettings, psn: u32) -> Result<Self, EngineError> {
+        let pmtu = settings.path_mtu.unwrap_or(1024);
+        if crate::headers::mtu_enum(pmtu).is_none() {
+            return Err(EngineError::BadPathMtu(pmtu));
+        }
+        let psn = psn & PSN_MASK;
+        Ok(Self {
+            qpn,
+            state: QpStateName::Init,
+            pmtu,
+            ack_timeout: Duration::from_millis(settings.ack_timeout_ms.unwrap_or(100).max(1)),
+            retries: RetryBudget::new(settings.retry_cnt.unwrap_or(INFINITE_RETRIES)),
+            rnr_retries: RetryBudget::new(settings.rnr_retry.unwrap_or(INFINITE_RETRIES)),
+            min_rnr_timer: settings.min_rnr_timer.unwrap_or(1) & 0x1F,
+            max_rd_atomic: settings.max_rd_atomic.unwrap_or(1).max(1),
+            initial_psn: psn,
+            // rdma_get_udp_sport-like: 0xC000 plus a per-QP hash (Annex A17.2.3).
+            udp_sport: 0xC000 | ((qpn.wrapping_mul(0x9E37) >> 2) as u16 & 0x3FFF),
+            remote: None,
+            next_psn: psn,
+            send_psn: psn,
+            sent_high: psn,
+            una: psn,
+            wqes: VecDeque::new(),
+            timer_start: None,
+            rnr_until: None,
+            epsn: 0,
+            msn: 0,
+            seq_nak_sent: false,
+            in_progress: None,
+            recvs: VecDeque::new(),
+            reads: VecDeque::new(),
+        })
+    }
+
+    pub(super) fn wqe_index(&self, psn: u32) -> Option<usize> {
+        self.wqes.iter().position(|w| w.contains(psn))
+    }
+
+    pub(super) fn status(&self) -> QpStatus {
+        QpStatus {
+            qpn: self.qpn,
+            state: self.state,
+            remote_qpn: self.remote.map(|r| r.qpn),
+            sq_psn: self.next_psn,
+            unacked_psn: self.una,
+            expected_psn: self.epsn,
+            msn: self.msn,
+            pending_wqes: self.wqes.len() as u32,
+            posted_recvs: self.recvs.len() as u32,
+        }
+    }
+}
+
+/// Completions waiting to be polled, bounded.
+#[derive(Debug, Default)]
+pub(super) struct CompletionQueue {
+    pub(super) entries: VecDeque<Completion>,
+}
+
+pub(super) fn nak_status(code: u8) -> CompletionStatus {
+    match code {
+        NAK_INVALID_REQUEST => CompletionStatus::RemoteInvalidRequest,
+        NAK_REMOTE_ACCESS => CompletionStatus::RemoteAccessError,
+        _ => CompletionStatus::RemoteOperationError,
+    }
+}
+
+pub(super) fn push_completion(
+    cq: &mut CompletionQueue,
+    stats: &mut TargetStats,
+    completion: Completion,
+) {
+    if cq.entries.len() >= MAX_COMPLETIONS {
+        cq.entries.pop_front();
+        stats.completions_dropped += 1;
+    }
+    stats.completions += 1;
+    cq.entries.push_back(completion);
+}
+
+pub(super) fn complete_wqe(
+    qp: &Qp,
+    wqe: &SendWqe,
+    status: CompletionStatus,
+    nak_code: Option<u8>,
+    cq: &mut CompletionQueue,
+    stats: &mut TargetStats,
+) {
+    push_completion(
+        cq,
+        stats,
+        Completion {
+            qpn: qp.qpn,
+            wr_id: wqe.wr_id,
+            opcode: wqe.opcode(),
+            status,
+            nak_code,
+            byte_len: if status == CompletionStatus::Success {
+                wqe.length
+            } else {
+                0
+            },
+            imm: None,
+        },
+    );
+}
+
+/// Every outstanding WQE and receive completes as flushed (IBTA 10.3.1.5: ERROR state).
+pub(super) fn flush(qp: &mut Qp, cq: &mut CompletionQueue, stats: &mut TargetStats) {
+    while let Some(wqe) = qp.wqes.pop_front() {
+        complete_wqe(qp, &wqe, CompletionStatus::Flushed, None, cq, stats);
+    }
+    while let Some(recv) = qp.recvs.pop_front() {
+        push_completion(
+            cq,
+            stats,
+            Completion {
+                qpn: qp.qpn,
+                wr_id: recv.wr_id,
+                opcode: CompletionOpcode::Recv,
+                status: CompletionStatus::Flushed,
+                nak_code: None,
+                byte_len: 0,
+                imm: None,
+            },
+        );
+    }
+    qp.timer_start = None;
+    qp.rnr_until = None;
+    qp.in_progress = None;
+}
+
+pub(super) fn enter_error(qp: &mut Qp, cq: &mut CompletionQueue, stats: &mut TargetStats) {
+    qp.state = QpStateName::Error;
+    flush(qp, cq, stats);
+}
+
+/// Fails the oldest WQE with `status` and moves the QP to ERROR.
+pub(super) fn fail_head(
+    qp: &mut Qp,
+    status: CompletionStatus,
+    nak_code: Option<u8>,
+    cq: &mut CompletionQueue,
+    stats: &mut TargetStats,
+) {
+    if let Some(wqe) = qp.wqes.pop_front() {
+        complete_wqe(qp, &wqe, status, nak_code, cq, stats);
+    }
+    enter_error(qp, cq, stats);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_budget_spends_its_limit_then_refuses_until_refilled() {
+        let mut budget = RetryBudget::new(2);
+        assert!(budget.take() && budget.take());
+        assert!(!budget.take(), "a third retry of two");
+        assert!(!budget.take());
+        budget.refill();
+        assert!(budget.take());
+        assert_eq!(budget.limit(), 2);
+        let mut none = RetryBudget::new(0);
+        assert!(!none.take(), "retry_cnt 0: the first timeout fails the WQE");
+    }
+
+    #[test]
+    fn seven_retries_mean_forever_and_larger_limits_are_clamped() {
+        let mut forever = RetryBudget::new(INFINITE_RETRIES);
+        assert!((0..1000).all(|_| forever.take()));
+        assert_eq!(RetryBudget::new(200).limit(), INFINITE_RETRIES);
+    }
+}
