@@ -17,6 +17,66 @@ use crate::error::{AgentError, Result};
 use crate::platform::{Device, Platform};
 use crate::vfio::{DmabufRequest, RegionInfo};
 
+/// The networking and verbs ops, which rdma_ops runs: a pattern, so dispatch's matches name every
+/// op without a wildcard and a new op nobody handles is a compile error.
+macro_rules! rdma_op {
+    () => {
+        AgentOp::NetUp { .. }
+            | AgentOp::NeighAdd { .. }
+            | AgentOp::RdmaLinkAdd { .. }
+            | AgentOp::RdmaOpen { .. }
+            | AgentOp::RdmaClose { .. }
+            | AgentOp::RdmaGid { .. }
+            | AgentOp::AllocPd { .. }
+            | AgentOp::DeallocPd { .. }
+            | AgentOp::CreateCq { .. }
+            | AgentOp::DestroyCq { .. }
+            | AgentOp::CreateQp { .. }
+            | AgentOp::DestroyQp { .. }
+            | AgentOp::QpInit { .. }
+            | AgentOp::QpRtr { .. }
+            | AgentOp::QpRts { .. }
+            | AgentOp::QpReset { .. }
+            | AgentOp::QpQuery { .. }
+            | AgentOp::RegMr { .. }
+            | AgentOp::RegDmabufMr { .. }
+            | AgentOp::DeregMr { .. }
+            | AgentOp::MrWrite { .. }
+            | AgentOp::MrRead { .. }
+            | AgentOp::PostSend { .. }
+            | AgentOp::PostRecv { .. }
+            | AgentOp::PollCq { .. }
+    };
+}
+
+/// Every other op, which dispatch runs itself (the complement of [`rdma_op`]).
+macro_rules! device_op {
+    () => {
+        AgentOp::Hello
+            | AgentOp::FindPci { .. }
+            | AgentOp::VfioBind { .. }
+            | AgentOp::VfioOpen { .. }
+            | AgentOp::VfioClose { .. }
+            | AgentOp::DmabufExport { .. }
+            | AgentOp::DmabufClose { .. }
+            | AgentOp::BarWrite { .. }
+            | AgentOp::BarRead { .. }
+            | AgentOp::ConfigRead { .. }
+            | AgentOp::ConfigWrite { .. }
+            | AgentOp::VfioReset { .. }
+            | AgentOp::VfioHotReset { .. }
+            | AgentOp::VfioRegion { .. }
+            | AgentOp::PciAttrRead { .. }
+            | AgentOp::PciAttrWrite { .. }
+            | AgentOp::Kmemleak { .. }
+            | AgentOp::Sysrq { .. }
+            | AgentOp::Sleep { .. }
+            | AgentOp::Dmesg
+            | AgentOp::OpenFds
+            | AgentOp::PowerOff
+    };
+}
+
 /// Longest Sleep the agent accepts; longer is surely a unit mistake in the caller.
 pub const MAX_SLEEP_MS: u64 = 600_000;
 
@@ -143,31 +203,7 @@ pub fn describe(op: &AgentOp) -> String {
         AgentOp::Dmesg => "dmesg".into(),
         AgentOp::OpenFds => "open_fds".into(),
         AgentOp::PowerOff => "power_off".into(),
-        op @ (AgentOp::NetUp { .. }
-        | AgentOp::NeighAdd { .. }
-        | AgentOp::RdmaLinkAdd { .. }
-        | AgentOp::RdmaOpen { .. }
-        | AgentOp::RdmaClose { .. }
-        | AgentOp::RdmaGid { .. }
-        | AgentOp::AllocPd { .. }
-        | AgentOp::DeallocPd { .. }
-        | AgentOp::CreateCq { .. }
-        | AgentOp::DestroyCq { .. }
-        | AgentOp::CreateQp { .. }
-        | AgentOp::DestroyQp { .. }
-        | AgentOp::QpInit { .. }
-        | AgentOp::QpRtr { .. }
-        | AgentOp::QpRts { .. }
-        | AgentOp::QpReset { .. }
-        | AgentOp::QpQuery { .. }
-        | AgentOp::RegMr { .. }
-        | AgentOp::RegDmabufMr { .. }
-        | AgentOp::DeregMr { .. }
-        | AgentOp::MrWrite { .. }
-        | AgentOp::MrRead { .. }
-        | AgentOp::PostSend { .. }
-        | AgentOp::PostRecv { .. }
-        | AgentOp::PollCq { .. }) => crate::rdma_ops::describe(op),
+        op @ rdma_op!() => crate::rdma_ops::describe(op),
     }
 }
 
@@ -475,31 +511,7 @@ impl<P: Platform> Agent<P> {
             AgentOp::PowerOff => Ok(AgentReply::Done),
             // Networking and verbs: rdma_ops. Listed, not a wildcard, so a new op that
             // nobody handles is a compile error here.
-            op @ (AgentOp::NetUp { .. }
-            | AgentOp::NeighAdd { .. }
-            | AgentOp::RdmaLinkAdd { .. }
-            | AgentOp::RdmaOpen { .. }
-            | AgentOp::RdmaClose { .. }
-            | AgentOp::RdmaGid { .. }
-            | AgentOp::AllocPd { .. }
-            | AgentOp::DeallocPd { .. }
-            | AgentOp::CreateCq { .. }
-            | AgentOp::DestroyCq { .. }
-            | AgentOp::CreateQp { .. }
-            | AgentOp::DestroyQp { .. }
-            | AgentOp::QpInit { .. }
-            | AgentOp::QpRtr { .. }
-            | AgentOp::QpRts { .. }
-            | AgentOp::QpReset { .. }
-            | AgentOp::QpQuery { .. }
-            | AgentOp::RegMr { .. }
-            | AgentOp::RegDmabufMr { .. }
-            | AgentOp::DeregMr { .. }
-            | AgentOp::MrWrite { .. }
-            | AgentOp::MrRead { .. }
-            | AgentOp::PostSend { .. }
-            | AgentOp::PostRecv { .. }
-            | AgentOp::PollCq { .. }) => self.run_rdma(op),
+            op @ rdma_op!() => self.run_rdma(op),
         }
     }
 

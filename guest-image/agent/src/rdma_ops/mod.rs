@@ -427,28 +427,7 @@ impl<P: Platform> Agent<P> {
                 })
             }
             // dispatch::run handles these itself; listed so that this match is exhaustive too.
-            op @ (AgentOp::Hello
-            | AgentOp::FindPci { .. }
-            | AgentOp::VfioBind { .. }
-            | AgentOp::VfioOpen { .. }
-            | AgentOp::VfioClose { .. }
-            | AgentOp::DmabufExport { .. }
-            | AgentOp::DmabufClose { .. }
-            | AgentOp::BarWrite { .. }
-            | AgentOp::BarRead { .. }
-            | AgentOp::ConfigRead { .. }
-            | AgentOp::ConfigWrite { .. }
-            | AgentOp::VfioReset { .. }
-            | AgentOp::VfioHotReset { .. }
-            | AgentOp::VfioRegion { .. }
-            | AgentOp::PciAttrRead { .. }
-            | AgentOp::PciAttrWrite { .. }
-            | AgentOp::Kmemleak { .. }
-            | AgentOp::Sysrq { .. }
-            | AgentOp::Sleep { .. }
-            | AgentOp::Dmesg
-            | AgentOp::OpenFds
-            | AgentOp::PowerOff) => Err(AgentError::Invalid(format!(
+            op @ device_op!() => Err(AgentError::Invalid(format!(
                 "{} is not a networking or verbs request",
                 describe(op)
             ))),
