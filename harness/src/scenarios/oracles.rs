@@ -2,7 +2,36 @@
 //! Every scenario that asks "did exactly this write reach the device" asks it here, so smoke's
 //! guest store and the RDMA writes of the P2P scenarios are judged by one rule.
 
+use p2prig_protocol::agent::Completion;
 use p2prig_protocol::event::{Access, Event, EventKind};
+use p2prig_protocol::target::{Completion as TargetCompletion, CompletionStatus};
+
+/// `enum ibv_wc_status` (infiniband/verbs.h): IBV_WC_SUCCESS and IBV_WC_REM_ACCESS_ERR.
+const IBV_WC_SUCCESS: u32 = 0;
+const IBV_WC_REM_ACCESS_ERR: u32 = 10;
+/// The AETH syndrome of a remote-access-error NAK (IBTA 9.7.5.2: NAK code 2, 0b011_00010).
+const NAK_REMOTE_ACCESS: u8 = 0x62;
+
+/// The guest's work request completed successfully.
+pub fn wc_succeeded(wc: &Option<Completion>) -> bool {
+    matches!(wc, Some(c) if c.status == IBV_WC_SUCCESS)
+}
+
+/// The guest's work request was refused by the responder (a revoked or dead MR).
+pub fn wc_remote_access_error(wc: &Option<Completion>) -> bool {
+    matches!(wc, Some(c) if c.status == IBV_WC_REM_ACCESS_ERR)
+}
+
+/// roce-target's work request was ACKed.
+pub fn target_acked(wc: &Option<TargetCompletion>) -> bool {
+    matches!(wc, Some(c) if c.status == CompletionStatus::Success)
+}
+
+/// roce-target's work request was NAKed with a remote access error, as a revoked MR must be.
+pub fn target_nak_remote_access(wc: &Option<TargetCompletion>) -> bool {
+    matches!(wc, Some(c) if c.status == CompletionStatus::RemoteAccessError
+        && c.nak_code == Some(NAK_REMOTE_ACCESS))
+}
 
 /// BAR0's doorbell page (NVMe 1.4 section 3.1: doorbells start at 0x1000 with CAP.DSTRD 0).
 pub const DOORBELL_PAGE: std::ops::Range<u64> = 0x1000..0x2000;
@@ -133,6 +162,57 @@ mod tests {
             4,
         );
         assert!(!read.exactly(5), "a stray read in the page");
+    }
+
+    #[test]
+    fn completions_are_judged_by_status_and_nak_code() {
+        let wc = |status| {
+            Some(Completion {
+                wr_id: 1,
+                status,
+                status_name: String::new(),
+                vendor_err: 0,
+                opcode: 1,
+                opcode_name: String::new(),
+                byte_len: 8,
+                qp_num: 17,
+            })
+        };
+        assert!(wc_succeeded(&wc(0)) && !wc_succeeded(&wc(10)) && !wc_succeeded(&None));
+        assert!(wc_remote_access_error(&wc(10)));
+        assert!(
+            !wc_remote_access_error(&wc(12)),
+            "retry exceeded is not a refusal"
+        );
+        assert!(
+            !wc_remote_access_error(&None),
+            "no completion is not a refusal"
+        );
+        let target = |status, nak_code| {
+            Some(TargetCompletion {
+                qpn: 17,
+                wr_id: 1,
+                opcode: p2prig_protocol::target::CompletionOpcode::Write,
+                status,
+                nak_code,
+                byte_len: 8,
+                imm: None,
+            })
+        };
+        assert!(target_acked(&target(CompletionStatus::Success, None)));
+        assert!(!target_acked(&None));
+        assert!(target_nak_remote_access(&target(
+            CompletionStatus::RemoteAccessError,
+            Some(0x62)
+        )));
+        assert!(
+            !target_nak_remote_access(&target(CompletionStatus::RemoteAccessError, Some(0x63))),
+            "a remote operational error is another NAK"
+        );
+        assert!(!target_nak_remote_access(&target(
+            CompletionStatus::Success,
+            None
+        )));
     }
 
     #[test]

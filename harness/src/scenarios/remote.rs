@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
-use p2prig_protocol::target::{CompletionStatus, Sge, TargetOp, TargetReply};
+use p2prig_protocol::target::{Sge, TargetOp, TargetReply};
 
 use crate::rig::Rig;
 use crate::run::checks;
@@ -38,7 +38,7 @@ fn remote_doorbell(
     let (_mr, rkey) =
         reg_dmabuf(rig, held, pd, dmabuf, 0, PAGE)?.map_err(|e| anyhow!("reg_dmabuf_mr: {e}"))?;
     let (completion, events) = target_ring(rig, target_qpn, rkey, 7, 1)?;
-    let acked = matches!(&completion, Some(c) if c.status == CompletionStatus::Success);
+    let acked = oracles::target_acked(&completion);
     suite.record(
         checks::TARGET_WRITE_IS_ACKED,
         acked,
@@ -120,7 +120,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     let landed = guest_bytes(rig, mr, 0, 16)?;
     suite.record(
         checks::TARGET_WRITE_INTO_GUEST_MR,
-        matches!(&wc, Some(c) if c.status == CompletionStatus::Success) && landed == pattern,
+        oracles::target_acked(&wc) && landed == pattern,
         format!("{wc:?}; guest MR: {landed}"),
         t.elapsed(),
     );
@@ -150,7 +150,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     };
     suite.record(
         checks::TARGET_READS_IT_BACK,
-        matches!(&wc, Some(c) if c.status == CompletionStatus::Success) && read == pattern,
+        oracles::target_acked(&wc) && read == pattern,
         format!("{wc:?}; read {read}"),
         t.elapsed(),
     );
@@ -183,10 +183,14 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     let data = guest_bytes(rig, mr, 256, 16)?;
     suite.record(
         checks::TARGET_SEND_INTO_POSTED_RECEIVE,
-        matches!(&sent, Some(c) if c.status == CompletionStatus::Success)
-            && matches!(&received, Some(c) if c.status == IBV_WC_SUCCESS && c.byte_len == 16 && c.wr_id == 7)
+        oracles::target_acked(&sent)
+            && oracles::wc_succeeded(&received)
+            && matches!(&received, Some(c) if c.byte_len == 16 && c.wr_id == 7)
             && data == pattern,
-        format!("target {sent:?}; guest {}; data {data}", status_text(&received)),
+        format!(
+            "target {sent:?}; guest {}; data {data}",
+            status_text(&received)
+        ),
         t.elapsed(),
     );
 
@@ -210,8 +214,7 @@ fn remote_verbs(rig: &mut Rig, suite: &mut Suite, held: &mut Held) -> Result<()>
     };
     suite.record(
         checks::WRITE_TO_DEREGISTERED_RKEY_IS_NAK_0X62,
-        matches!(&wc, Some(c) if c.status == CompletionStatus::RemoteAccessError && c.nak_code == Some(0x62))
-            && state.eq_ignore_ascii_case("error"),
+        oracles::target_nak_remote_access(&wc) && state.eq_ignore_ascii_case("error"),
         format!("{wc:?}; target QP {state}"),
         t.elapsed(),
     );

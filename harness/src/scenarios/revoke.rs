@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use p2prig_protocol::agent::{AgentOp, SendOpcode};
 use p2prig_protocol::device::{DeviceOp, DeviceReply, EventFilter};
 use p2prig_protocol::event::{Access as BarAccess, Event, EventKind};
-use p2prig_protocol::target::{CompletionStatus, TargetOp};
+use p2prig_protocol::target::TargetOp;
 
 use crate::rig::Rig;
 use crate::run::checks;
@@ -199,15 +199,14 @@ fn revoke_window(
     let (wc, refused_guest_ns) = poll_one_stamped(rig, lb.cq_a, 5000)?;
     suite.record(
         checks::WRITE_IN_WINDOW_GETS_REMOTE_ACCESS_ERROR,
-        matches!(&wc, Some(c) if c.status == IBV_WC_REM_ACCESS_ERR),
+        oracles::wc_remote_access_error(&wc),
         status_text(&wc),
         t.elapsed(),
     );
     let target_wc = target_complete(rig, target_posted)?;
     suite.record(
         checks::TARGET_WRITE_IN_WINDOW_IS_NAK_0X62,
-        matches!(&target_wc, Some(c) if c.status == CompletionStatus::RemoteAccessError
-            && c.nak_code == Some(0x62)),
+        oracles::target_nak_remote_access(&target_wc),
         format!("{target_wc:?}"),
         t.elapsed(),
     );
@@ -292,8 +291,7 @@ fn revoke_window(
     let (target_wc, events) = target_ring(rig, target_qpn, rkey, 12, 4)?;
     suite.record(
         checks::TARGET_WRITE_LANDS_AFTER_RESTORE,
-        matches!(&target_wc, Some(c) if c.status == CompletionStatus::Success)
-            && oracles::written(&events, SQ1TDBL, 8).exactly(12),
+        oracles::target_acked(&target_wc) && oracles::written(&events, SQ1TDBL, 8).exactly(12),
         format!(
             "{target_wc:?}; device at BAR0+{SQ1TDBL:#x}: {}",
             oracles::describe(&events)

@@ -104,7 +104,7 @@ pub(crate) struct Ring {
 
 impl Ring {
     pub(crate) fn succeeded(&self) -> bool {
-        matches!(&self.completion, Some(c) if c.status == IBV_WC_SUCCESS)
+        oracles::wc_succeeded(&self.completion)
     }
 
     /// The write completed and the device saw exactly it, nothing else in the page.

@@ -27,8 +27,6 @@ pub(crate) const PAGE: u64 = 0x1000;
 pub(crate) const SQ1TDBL: u64 = 0x1008;
 pub(crate) const GUEST_IP: &str = "10.0.2.15";
 /// enum ibv_wc_status
-pub(crate) const IBV_WC_SUCCESS: u32 = 0;
-pub(crate) const IBV_WC_REM_ACCESS_ERR: u32 = 10;
 /// How long a reset is held open so a write can be posted inside it.
 pub(crate) const RESET_WINDOW_MS: u64 = 1500;
 
