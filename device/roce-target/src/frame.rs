@@ -277,17 +277,9 @@ pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::test_vectors::{unhex, TV1, TV2};
     use crate::headers::{opcode, Aeth, Bth, PacketSpec, Reth};
 
-    pub(crate) fn unhex(text: &str) -> Vec<u8> {
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
-            .collect()
-    }
-
-    const TV1: &str = "52540012345652540000000208004500004412344000401110650a0002020a00020fc00112b7003000000a00ffff000000118012345600007f000000100000001234000000080123456789abcdef96fec894";
-    const TV2: &str = "52540012345652540000000208004500003012354000401110780a0002020a00020fc00112b7001c00001100ffff00000011001234561f0000057b8c1f44";
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     const TARGET_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
 

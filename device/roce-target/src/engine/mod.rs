@@ -8,7 +8,7 @@
 //! exchange deterministically in a unit test.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -113,12 +113,19 @@ impl Default for EngineConfig {
 /// The RC engine of the target.
 #[derive(Debug)]
 pub struct Engine {
-    wire: Wire,
     qps: BTreeMap<u32, Qp>,
     next_qpn: u32,
-    mrs: MemoryRegions,
-    cq: CompletionQueue,
+    shared: Shared,
     pcap_seq: u64,
+}
+
+/// What QP code works on besides its QP: the wire, the completion queue and the memory
+/// regions. Kept apart from the QP table so that one QP and all of this borrow at once.
+#[derive(Debug)]
+struct Shared {
+    wire: Wire,
+    cq: CompletionQueue,
+    mrs: MemoryRegions,
 }
 
 fn random_u32() -> u32 {
@@ -135,65 +142,58 @@ fn random_u32() -> u32 {
 impl Engine {
     pub fn new(config: EngineConfig, link: Box<dyn Link>) -> Self {
         Self {
-            wire: Wire {
-                config,
-                link,
-                neighbours: HashMap::new(),
-                arp_sent_at: HashMap::new(),
-                ip_id: random_u32() as u16,
-                pcap: None,
-                stats: TargetStats::default(),
-                frame: Vec::with_capacity(4200),
-            },
             qps: BTreeMap::new(),
             next_qpn: FIRST_QPN,
-            mrs: MemoryRegions::default(),
-            cq: CompletionQueue::default(),
+            shared: Shared {
+                wire: Wire::new(config, link),
+                cq: CompletionQueue::default(),
+                mrs: MemoryRegions::default(),
+            },
             pcap_seq: 0,
         }
     }
 
     pub fn config(&self) -> EngineConfig {
-        self.wire.config
+        self.shared.wire.config
     }
 
     /// Counters; `connections` is kept by the caller that owns the transport.
     pub fn stats(&self) -> TargetStats {
-        self.wire.stats.clone()
+        self.shared.wire.stats.clone()
     }
 
     pub fn stats_mut(&mut self) -> &mut TargetStats {
-        &mut self.wire.stats
+        &mut self.shared.wire.stats
     }
 
     /// Records a MAC for an IP, as a static neighbour entry would.
     pub fn add_neighbour(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
-        self.wire.neighbours.insert(ip, mac);
+        self.shared.wire.neighbours.insert(ip, mac);
     }
 
     /// Broadcasts a gratuitous ARP for the target's address.
     pub fn announce(&mut self) {
-        self.wire.stats.arp_sent += 1;
-        let frame = frame::gratuitous_arp(self.wire.config.mac, self.wire.config.ip);
-        self.wire.emit(&frame);
+        self.shared.wire.stats.arp_sent += 1;
+        let frame = frame::gratuitous_arp(self.shared.wire.config.mac, self.shared.wire.config.ip);
+        self.shared.wire.emit(&frame);
     }
 
     // ---- memory ----
 
     pub fn register_mr(&mut self, length: u64, access: &[MrAccess]) -> Result<MrInfo, EngineError> {
-        Ok(self.mrs.register(length, access)?.info())
+        Ok(self.shared.mrs.register(length, access)?.info())
     }
 
     pub fn deregister_mr(&mut self, key: u32) -> Result<(), EngineError> {
-        Ok(self.mrs.deregister(key)?)
+        Ok(self.shared.mrs.deregister(key)?)
     }
 
     pub fn mr_read(&self, key: u32, offset: u64, length: u64) -> Result<Vec<u8>, EngineError> {
-        Ok(self.mrs.slice(key, offset, length)?.to_vec())
+        Ok(self.shared.mrs.slice(key, offset, length)?.to_vec())
     }
 
     pub fn mr_write(&mut self, key: u32, offset: u64, bytes: &[u8]) -> Result<(), EngineError> {
-        Ok(self.mrs.write(key, offset, bytes)?)
+        Ok(self.shared.mrs.write(key, offset, bytes)?)
     }
 
     /// Fills `length` bytes at `offset` with `pattern` repeated.
@@ -204,7 +204,7 @@ impl Engine {
         length: u64,
         pattern: &[u8],
     ) -> Result<(), EngineError> {
-        let region = self.mrs.get_mut(key)?;
+        let region = self.shared.mrs.get_mut(key)?;
         let range = region.range(offset, length)?;
         if !pattern.is_empty() {
             for (byte, value) in region.data[range].iter_mut().zip(pattern.iter().cycle()) {
@@ -220,9 +220,9 @@ impl Engine {
         QpEndpoint {
             qpn: qp.qpn,
             psn: qp.initial_psn,
-            gid: gid_of(self.wire.config.ip),
-            ip: self.wire.config.ip.to_string(),
-            mac: format_mac(self.wire.config.mac),
+            gid: gid_of(self.shared.wire.config.ip),
+            ip: self.shared.wire.config.ip.to_string(),
+            mac: format_mac(self.shared.wire.config.mac),
             path_mtu: qp.pmtu,
         }
     }
@@ -264,11 +264,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let qp = self.qp_mut(qpn)?;
         if qp.state != QpStateName::Init {
-            return Err(EngineError::BadState {
-                qpn,
-                state: qp.state,
-                needed: "connect needs a new or reset QP",
-            });
+            return Err(qp.bad_state("connect needs a new or reset QP"));
         }
         qp.remote = Some(Remote {
             qpn: remote_qpn & PSN_MASK,
@@ -277,9 +273,9 @@ impl Engine {
         qp.epsn = remote_psn & PSN_MASK;
         qp.state = QpStateName::Rts;
         if let Some(mac) = remote_mac {
-            self.wire.neighbours.insert(remote_ip, mac);
-        } else if !self.wire.neighbours.contains_key(&remote_ip) {
-            self.wire.arp_for(remote_ip, now);
+            self.shared.wire.neighbours.insert(remote_ip, mac);
+        } else if !self.shared.wire.neighbours.contains_key(&remote_ip) {
+            self.shared.wire.arp_for(remote_ip, now);
         }
         Ok(())
     }
@@ -294,7 +290,7 @@ impl Engine {
     /// Flushes every outstanding request and returns the QP to INIT with a new PSN.
     pub fn reset_qp(&mut self, qpn: u32, psn: Option<u32>) -> Result<QpEndpoint, EngineError> {
         let qp = self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
-        flush(qp, &mut self.cq, &mut self.wire.stats);
+        qp.flush(&mut self.shared);
         let settings = QpSettings {
             path_mtu: Some(qp.pmtu),
             psn: None,
@@ -311,26 +307,17 @@ impl Engine {
 
     pub fn destroy_qp(&mut self, qpn: u32) -> Result<(), EngineError> {
         let mut qp = self.qps.remove(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
-        flush(&mut qp, &mut self.cq, &mut self.wire.stats);
+        qp.flush(&mut self.shared);
         Ok(())
     }
 
     // ---- posting ----
 
     pub fn post_recv(&mut self, qpn: u32, wr_id: u64, local: Sge) -> Result<(), EngineError> {
-        self.mrs.check_local(
-            local.key,
-            local.offset,
-            u64::from(local.length),
-            Some(MrAccess::LocalWrite),
-        )?;
+        self.check_writable(local)?;
         let qp = self.qp_mut(qpn)?;
         if qp.state == QpStateName::Error {
-            return Err(EngineError::BadState {
-                qpn,
-                state: qp.state,
-                needed: "receives need INIT or RTS",
-            });
+            return Err(qp.bad_state("receives need INIT or RTS"));
         }
         qp.recvs.push_back(RecvWqe { wr_id, local });
         Ok(())
@@ -346,9 +333,8 @@ impl Engine {
         now: Instant,
     ) -> Result<(), EngineError> {
         let data = self.snapshot(local)?;
-        let op = WqeOp::Write {
-            remote_va: remote.va,
-            rkey: remote.rkey,
+        let op = WqeOp::Message {
+            write: Some(remote),
             imm,
             data,
         };
@@ -364,7 +350,12 @@ impl Engine {
         now: Instant,
     ) -> Result<(), EngineError> {
         let data = self.snapshot(local)?;
-        self.post(qpn, wr_id, WqeOp::Send { imm, data }, local.length, now)
+        let op = WqeOp::Message {
+            write: None,
+            imm,
+            data,
+        };
+        self.post(qpn, wr_id, op, local.length, now)
     }
 
     pub fn post_read(
@@ -375,18 +366,19 @@ impl Engine {
         remote: RemoteBuffer,
         now: Instant,
     ) -> Result<(), EngineError> {
-        self.mrs.check_local(
-            local.key,
-            local.offset,
-            u64::from(local.length),
-            Some(MrAccess::LocalWrite),
-        )?;
-        let op = WqeOp::Read {
-            remote_va: remote.va,
-            rkey: remote.rkey,
-            local,
-        };
+        self.check_writable(local)?;
+        let op = WqeOp::Read { remote, local };
         self.post(qpn, wr_id, op, local.length, now)
+    }
+
+    /// Checks a buffer the engine will write into: a receive's, or a READ's destination.
+    fn check_writable(&self, local: Sge) -> Result<(), EngineError> {
+        let length = u64::from(local.length);
+        let access = Some(MrAccess::LocalWrite);
+        Ok(self
+            .shared
+            .mrs
+            .check_local(local.key, local.offset, length, access)?)
     }
 
     fn snapshot(&self, local: Sge) -> Result<Vec<u8>, EngineError> {
@@ -394,6 +386,7 @@ impl Engine {
             return Err(EngineError::MessageTooLong(local.length));
         }
         Ok(self
+            .shared
             .mrs
             .slice(local.key, local.offset, u64::from(local.length))?
             .to_vec())
@@ -412,11 +405,7 @@ impl Engine {
         }
         let qp = self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
         if qp.state != QpStateName::Rts {
-            return Err(EngineError::BadState {
-                qpn,
-                state: qp.state,
-                needed: "sends need RTS (connect first)",
-            });
+            return Err(qp.bad_state("sends need RTS (connect first)"));
         }
         let packets = packet_count(u64::from(length), qp.pmtu);
         qp.wqes.push_back(SendWqe {
@@ -428,27 +417,27 @@ impl Engine {
             read_done: 0,
         });
         qp.next_psn = psn_add(qp.next_psn, packets);
-        pump(qp, &mut self.wire, &mut self.cq, &self.mrs, now);
+        pump(qp, &mut self.shared.wire, now);
         Ok(())
     }
 
     /// Takes up to `max` completions (of `qpn`, or of every QP), oldest first.
     pub fn poll_cq(&mut self, qpn: Option<u32>, max: usize) -> Vec<Completion> {
         let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.cq.entries.len());
-        while let Some(entry) = self.cq.entries.pop_front() {
+        let mut kept = VecDeque::with_capacity(self.shared.cq.entries.len());
+        while let Some(entry) = self.shared.cq.entries.pop_front() {
             if taken.len() < max && qpn.is_none_or(|q| q == entry.qpn) {
                 taken.push(entry);
             } else {
                 kept.push_back(entry);
             }
         }
-        self.cq.entries = kept;
+        self.shared.cq.entries = kept;
         taken
     }
 
     pub fn completions_pending(&self) -> usize {
-        self.cq.entries.len()
+        self.shared.cq.entries.len()
     }
 
     // ---- pcap ----
@@ -476,21 +465,22 @@ impl Engine {
         let path = dir.join(name);
         let writer = PcapWriter::create(&path)
             .map_err(|e| EngineError::Pcap(format!("creating {}: {e}", path.display())))?;
-        self.wire.pcap = Some(writer);
+        self.shared.wire.pcap = Some(writer);
         Ok(path.display().to_string())
     }
 
     /// Closes the capture; returns its path and frame count.
     pub fn pcap_stop(&mut self) -> Option<(String, u64)> {
-        let mut writer = self.wire.pcap.take()?;
+        let mut writer = self.shared.wire.pcap.take()?;
         if writer.flush().is_err() {
-            self.wire.stats.pcap_errors += 1;
+            self.shared.wire.stats.pcap_errors += 1;
         }
         Some((writer.path().display().to_string(), writer.frames()))
     }
 
     pub fn pcap_status(&self) -> Option<(String, u64)> {
-        self.wire
+        self.shared
+            .wire
             .pcap
             .as_ref()
             .map(|w| (w.path().display().to_string(), w.frames()))
@@ -502,11 +492,11 @@ impl Engine {
     /// capture. Call often (every millisecond or so).
     pub fn tick(&mut self, now: Instant) {
         for qp in self.qps.values_mut() {
-            tick_qp(qp, &mut self.wire, &mut self.cq, &self.mrs, now);
+            tick_qp(qp, &mut self.shared, now);
         }
-        if let Some(pcap) = &mut self.wire.pcap {
+        if let Some(pcap) = &mut self.shared.wire.pcap {
             if pcap.flush().is_err() {
-                self.wire.stats.pcap_errors += 1;
+                self.shared.wire.stats.pcap_errors += 1;
             }
         }
     }
@@ -515,35 +505,38 @@ impl Engine {
 
     /// Handles one Ethernet frame from the link. Never panics, whatever the bytes.
     pub fn receive(&mut self, bytes: &[u8], now: Instant) {
-        self.wire.stats.frames_in += 1;
-        self.wire.capture(bytes);
-        let config = self.wire.config;
+        self.shared.wire.stats.frames_in += 1;
+        self.shared.wire.capture(bytes);
+        let config = self.shared.wire.config;
         match frame::parse_frame(bytes, config.mac, config.ip) {
-            Err(FrameError::NotOurs(_)) => self.wire.stats.dropped_not_ours += 1,
-            Err(FrameError::Malformed(_)) => self.wire.stats.dropped_malformed += 1,
-            Err(FrameError::BadIcrc { .. }) => self.wire.stats.dropped_bad_icrc += 1,
+            Err(FrameError::NotOurs(_)) => self.shared.wire.stats.dropped_not_ours += 1,
+            Err(FrameError::Malformed(_)) => self.shared.wire.stats.dropped_malformed += 1,
+            Err(FrameError::BadIcrc { .. }) => self.shared.wire.stats.dropped_bad_icrc += 1,
             Ok(Incoming::Arp { packet }) => self.on_arp(&packet),
             Ok(Incoming::Roce(roce)) => {
-                self.wire.stats.roce_in += 1;
+                self.shared.wire.stats.roce_in += 1;
                 self.on_roce(&roce, now)
             }
         }
     }
 
     fn on_arp(&mut self, packet: &etherparse::ArpEthIpv4Packet) {
-        let config = self.wire.config;
+        let config = self.shared.wire.config;
         let sender = packet.sender_ipv4_addr();
         // Learn from every ARP (requests, replies, announcements), as RFC 826 suggests,
         // but never an entry for our own address or the unspecified one of a probe.
         if !sender.is_unspecified() && sender != config.ip {
-            self.wire.neighbours.insert(sender, packet.sender_mac);
+            self.shared
+                .wire
+                .neighbours
+                .insert(sender, packet.sender_mac);
         }
         if packet.operation == ArpOperation::REQUEST && packet.target_ipv4_addr() == config.ip {
-            self.wire.stats.arp_requests_answered += 1;
+            self.shared.wire.stats.arp_requests_answered += 1;
             let reply = frame::arp_reply(packet, config.mac, config.ip);
-            self.wire.emit(&reply);
+            self.shared.wire.emit(&reply);
         } else if packet.operation != ArpOperation::REPLY {
-            self.wire.stats.dropped_not_ours += 1;
+            self.shared.wire.stats.dropped_not_ours += 1;
         }
     }
 
@@ -551,43 +544,108 @@ impl Engine {
         let packet = match Packet::parse(roce.transport) {
             Ok(packet) => packet,
             Err(_) => {
-                self.wire.stats.dropped_malformed += 1;
+                self.shared.wire.stats.dropped_malformed += 1;
                 return;
             }
         };
         // P_Key match ignoring the membership bit (IBTA 10.9.3); rxe only has 0xFFFF.
         if packet.bth.pkey & 0x7FFF != 0x7FFF {
-            self.wire.stats.dropped_malformed += 1;
+            self.shared.wire.stats.dropped_malformed += 1;
             return;
         }
         let Some(qp) = self.qps.get_mut(&packet.bth.dest_qp) else {
-            self.wire.stats.dropped_unknown_qp += 1;
+            self.shared.wire.stats.dropped_unknown_qp += 1;
             return;
         };
         // A QP only talks to the address it was connected to (reference: rxe checks both
         // IPs the same way).
         if qp.state != QpStateName::Rts || qp.remote.is_none_or(|r| r.ip != roce.src_ip) {
-            self.wire.stats.dropped_qp_state += 1;
+            self.shared.wire.stats.dropped_qp_state += 1;
             return;
         }
-        self.wire.neighbours.insert(roce.src_ip, roce.src_mac);
+        self.shared
+            .wire
+            .neighbours
+            .insert(roce.src_ip, roce.src_mac);
         match packet.info.kind {
-            OpKind::Ack | OpKind::AtomicAck | OpKind::ReadResponse => on_response(
-                qp,
-                &mut self.wire,
-                &mut self.cq,
-                &mut self.mrs,
-                &packet,
-                now,
-            ),
-            OpKind::Send | OpKind::Write | OpKind::ReadRequest | OpKind::Atomic => on_request(
-                qp,
-                &mut self.wire,
-                &mut self.cq,
-                &mut self.mrs,
-                &packet,
-                now,
-            ),
+            OpKind::Ack | OpKind::AtomicAck | OpKind::ReadResponse => {
+                on_response(qp, &mut self.shared, &packet, now)
+            }
+            OpKind::Send | OpKind::Write | OpKind::ReadRequest | OpKind::Atomic => {
+                on_request(qp, &mut self.shared, &packet, now)
+            }
         }
+    }
+}
+
+/// Pieces for the unit tests of the engine's parts: a `Shared` whose link keeps its frames,
+/// and a QP connected to a peer it already knows the MAC of.
+#[cfg(test)]
+mod test_support {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    pub(super) const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+    pub(super) const PEER_QPN: u32 = 0x22;
+
+    /// A link that keeps every frame it is given.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct Captured(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Captured {
+        pub(super) fn count(&self) -> usize {
+            self.0.lock().expect("link lock").len()
+        }
+    }
+
+    impl Link for Captured {
+        fn transmit(&mut self, frame: &[u8]) -> bool {
+            self.0.lock().expect("link lock").push(frame.to_vec());
+            true
+        }
+    }
+
+    pub(super) fn shared() -> (Shared, Captured) {
+        let link = Captured::default();
+        let mut wire = Wire::new(EngineConfig::default(), Box::new(link.clone()));
+        wire.neighbours
+            .insert(PEER_IP, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let shared = Shared {
+            wire,
+            cq: CompletionQueue::default(),
+            mrs: MemoryRegions::default(),
+        };
+        (shared, link)
+    }
+
+    /// A QP in RTS toward the peer, sending from `psn` and expecting `psn` from the peer.
+    pub(super) fn connected_qp(settings: &QpSettings, psn: u32) -> Qp {
+        let mut qp = Qp::new(0x11, settings, psn).expect("valid settings");
+        qp.remote = Some(Remote {
+            qpn: PEER_QPN,
+            ip: PEER_IP,
+        });
+        qp.epsn = psn;
+        qp.state = QpStateName::Rts;
+        qp
+    }
+
+    /// Queues a one-packet SEND of `len` bytes as if posted, without sending it.
+    pub(super) fn queue_send(qp: &mut Qp, wr_id: u64, len: usize) {
+        let packets = packet_count(len as u64, qp.pmtu);
+        qp.wqes.push_back(SendWqe {
+            wr_id,
+            op: WqeOp::Message {
+                write: None,
+                imm: None,
+                data: vec![0xA5; len],
+            },
+            length: len as u32,
+            first_psn: qp.next_psn,
+            packets,
+            read_done: 0,
+        });
+        qp.next_psn = psn_add(qp.next_psn, packets);
     }
 }

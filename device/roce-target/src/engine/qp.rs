@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use p2prig_protocol::target::{
     Completion, CompletionOpcode, CompletionStatus, QpSettings, QpStateName, QpStatus, Sge,
-    TargetStats,
 };
 
-use crate::headers::{psn_add, psn_diff, NAK_INVALID_REQUEST, NAK_REMOTE_ACCESS, PSN_MASK};
+use crate::headers::{psn_add, psn_within, NAK_INVALID_REQUEST, NAK_REMOTE_ACCESS, PSN_MASK};
 
 use super::*;
 
@@ -18,8 +17,8 @@ use super::*;
 /// of [`INFINITE_RETRIES`] never runs out. Progress (an ACK) refills it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct RetryBudget {
-    pub(super) limit: u8,
-    pub(super) left: u8,
+    limit: u8,
+    left: u8,
 }
 
 impl RetryBudget {
@@ -49,6 +48,7 @@ impl RetryBudget {
         self.limit
     }
 }
+
 /// A posted send-queue work request and the PSNs it took.
 #[derive(Debug, Clone)]
 pub(super) struct SendWqe {
@@ -63,21 +63,16 @@ pub(super) struct SendWqe {
 
 #[derive(Debug, Clone)]
 pub(super) enum WqeOp {
-    /// The data is copied at post time (a snapshot, so a later MR change or
-    /// deregistration cannot make a retransmission differ from the first try).
-    Write {
-        remote_va: u64,
-        rkey: u32,
-        imm: Option<u32>,
-        data: Vec<u8>,
-    },
-    Send {
+    /// A SEND, or a WRITE when `write` names where. The data is copied at post time (a
+    /// snapshot, so a later MR change or deregistration cannot make a retransmission differ
+    /// from the first try).
+    Message {
+        write: Option<RemoteBuffer>,
         imm: Option<u32>,
         data: Vec<u8>,
     },
     Read {
-        remote_va: u64,
-        rkey: u32,
+        remote: RemoteBuffer,
         local: Sge,
     },
 }
@@ -92,8 +87,7 @@ impl SendWqe {
     }
 
     pub(super) fn contains(&self, psn: u32) -> bool {
-        let d = psn_diff(psn, self.first_psn);
-        d >= 0 && (d as u32) < self.packets
+        psn_within(psn, self.first_psn, self.packets)
     }
 
     pub(super) fn is_read(&self) -> bool {
@@ -102,9 +96,31 @@ impl SendWqe {
 
     pub(super) fn opcode(&self) -> CompletionOpcode {
         match self.op {
-            WqeOp::Write { .. } => CompletionOpcode::Write,
-            WqeOp::Send { .. } => CompletionOpcode::Send,
+            WqeOp::Message { write: Some(_), .. } => CompletionOpcode::Write,
+            WqeOp::Message { write: None, .. } => CompletionOpcode::Send,
             WqeOp::Read { .. } => CompletionOpcode::Read,
+        }
+    }
+
+    /// Its completion; only a successful one reports the length.
+    pub(super) fn completion(
+        &self,
+        qpn: u32,
+        status: CompletionStatus,
+        nak_code: Option<u8>,
+    ) -> Completion {
+        Completion {
+            qpn,
+            wr_id: self.wr_id,
+            opcode: self.opcode(),
+            status,
+            nak_code,
+            byte_len: if status == CompletionStatus::Success {
+                self.length
+            } else {
+                0
+            },
+            imm: None,
         }
     }
 }
@@ -113,6 +129,22 @@ impl SendWqe {
 pub(super) struct RecvWqe {
     pub(super) wr_id: u64,
     pub(super) local: Sge,
+}
+
+impl RecvWqe {
+    /// A plain receive's completion with nothing received; a responder that did receive
+    /// fills in the length, the immediate and the opcode.
+    pub(super) fn completion(&self, qpn: u32, status: CompletionStatus) -> Completion {
+        Completion {
+            qpn,
+            wr_id: self.wr_id,
+            opcode: CompletionOpcode::Recv,
+            status,
+            nak_code: None,
+            byte_len: 0,
+            imm: None,
+        }
+    }
 }
 
 /// A multi-packet message the responder is in the middle of (IBTA 9.7.5.1.1 opcode
@@ -138,6 +170,12 @@ pub(super) struct ReadRecord {
     pub(super) va: u64,
     pub(super) rkey: u32,
     pub(super) length: u32,
+}
+
+impl ReadRecord {
+    pub(super) fn contains(&self, psn: u32) -> bool {
+        psn_within(psn, self.first_psn, self.packets)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -219,6 +257,56 @@ impl Qp {
         self.wqes.iter().position(|w| w.contains(psn))
     }
 
+    /// The error for an operation the QP's state does not allow.
+    pub(super) fn bad_state(&self, needed: &'static str) -> EngineError {
+        EngineError::BadState {
+            qpn: self.qpn,
+            state: self.state,
+            needed,
+        }
+    }
+
+    /// Pops the oldest WQE, if there is one, and completes it with `status`.
+    pub(super) fn complete_head(
+        &mut self,
+        shared: &mut Shared,
+        status: CompletionStatus,
+        nak_code: Option<u8>,
+    ) {
+        if let Some(wqe) = self.wqes.pop_front() {
+            shared.complete(wqe.completion(self.qpn, status, nak_code));
+        }
+    }
+
+    /// Fails the oldest WQE with `status` and moves the QP to ERROR.
+    pub(super) fn fail_head(
+        &mut self,
+        shared: &mut Shared,
+        status: CompletionStatus,
+        nak_code: Option<u8>,
+    ) {
+        self.complete_head(shared, status, nak_code);
+        self.enter_error(shared);
+    }
+
+    pub(super) fn enter_error(&mut self, shared: &mut Shared) {
+        self.state = QpStateName::Error;
+        self.flush(shared);
+    }
+
+    /// Every outstanding WQE and receive completes as flushed (IBTA 10.3.1.5: ERROR state).
+    pub(super) fn flush(&mut self, shared: &mut Shared) {
+        while let Some(wqe) = self.wqes.pop_front() {
+            shared.complete(wqe.completion(self.qpn, CompletionStatus::Flushed, None));
+        }
+        while let Some(recv) = self.recvs.pop_front() {
+            shared.complete(recv.completion(self.qpn, CompletionStatus::Flushed));
+        }
+        self.timer_start = None;
+        self.rnr_until = None;
+        self.in_progress = None;
+    }
+
     pub(super) fn status(&self) -> QpStatus {
         QpStatus {
             qpn: self.qpn,
@@ -240,6 +328,19 @@ pub(super) struct CompletionQueue {
     pub(super) entries: VecDeque<Completion>,
 }
 
+impl Shared {
+    /// Queues a completion, dropping the oldest (and counting it) when the queue is full.
+    pub(super) fn complete(&mut self, completion: Completion) {
+        let stats = &mut self.wire.stats;
+        if self.cq.entries.len() >= MAX_COMPLETIONS {
+            self.cq.entries.pop_front();
+            stats.completions_dropped += 1;
+        }
+        stats.completions += 1;
+        self.cq.entries.push_back(completion);
+    }
+}
+
 pub(super) fn nak_status(code: u8) -> CompletionStatus {
     match code {
         NAK_INVALID_REQUEST => CompletionStatus::RemoteInvalidRequest,
@@ -248,92 +349,9 @@ pub(super) fn nak_status(code: u8) -> CompletionStatus {
     }
 }
 
-pub(super) fn push_completion(
-    cq: &mut CompletionQueue,
-    stats: &mut TargetStats,
-    completion: Completion,
-) {
-    if cq.entries.len() >= MAX_COMPLETIONS {
-        cq.entries.pop_front();
-        stats.completions_dropped += 1;
-    }
-    stats.completions += 1;
-    cq.entries.push_back(completion);
-}
-
-pub(super) fn complete_wqe(
-    qp: &Qp,
-    wqe: &SendWqe,
-    status: CompletionStatus,
-    nak_code: Option<u8>,
-    cq: &mut CompletionQueue,
-    stats: &mut TargetStats,
-) {
-    push_completion(
-        cq,
-        stats,
-        Completion {
-            qpn: qp.qpn,
-            wr_id: wqe.wr_id,
-            opcode: wqe.opcode(),
-            status,
-            nak_code,
-            byte_len: if status == CompletionStatus::Success {
-                wqe.length
-            } else {
-                0
-            },
-            imm: None,
-        },
-    );
-}
-
-/// Every outstanding WQE and receive completes as flushed (IBTA 10.3.1.5: ERROR state).
-pub(super) fn flush(qp: &mut Qp, cq: &mut CompletionQueue, stats: &mut TargetStats) {
-    while let Some(wqe) = qp.wqes.pop_front() {
-        complete_wqe(qp, &wqe, CompletionStatus::Flushed, None, cq, stats);
-    }
-    while let Some(recv) = qp.recvs.pop_front() {
-        push_completion(
-            cq,
-            stats,
-            Completion {
-                qpn: qp.qpn,
-                wr_id: recv.wr_id,
-                opcode: CompletionOpcode::Recv,
-                status: CompletionStatus::Flushed,
-                nak_code: None,
-                byte_len: 0,
-                imm: None,
-            },
-        );
-    }
-    qp.timer_start = None;
-    qp.rnr_until = None;
-    qp.in_progress = None;
-}
-
-pub(super) fn enter_error(qp: &mut Qp, cq: &mut CompletionQueue, stats: &mut TargetStats) {
-    qp.state = QpStateName::Error;
-    flush(qp, cq, stats);
-}
-
-/// Fails the oldest WQE with `status` and moves the QP to ERROR.
-pub(super) fn fail_head(
-    qp: &mut Qp,
-    status: CompletionStatus,
-    nak_code: Option<u8>,
-    cq: &mut CompletionQueue,
-    stats: &mut TargetStats,
-) {
-    if let Some(wqe) = qp.wqes.pop_front() {
-        complete_wqe(qp, &wqe, status, nak_code, cq, stats);
-    }
-    enter_error(qp, cq, stats);
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{connected_qp, queue_send, shared};
     use super::*;
 
     #[test]
@@ -354,5 +372,83 @@ mod tests {
         let mut forever = RetryBudget::new(INFINITE_RETRIES);
         assert!((0..1000).all(|_| forever.take()));
         assert_eq!(RetryBudget::new(200).limit(), INFINITE_RETRIES);
+    }
+
+    #[test]
+    fn a_request_owns_its_psns_across_the_wrap() {
+        let mut qp = connected_qp(&QpSettings::default(), 0xFFFFFF);
+        queue_send(&mut qp, 1, 3000);
+        let wqe = &qp.wqes[0];
+        assert_eq!((wqe.packets, wqe.last_psn(), wqe.end_psn()), (3, 1, 2));
+        assert!(wqe.contains(0xFFFFFF) && wqe.contains(1) && !wqe.contains(2));
+        assert_eq!(qp.wqe_index(0), Some(0));
+        assert_eq!(qp.next_psn, 2);
+    }
+
+    #[test]
+    fn failing_the_head_flushes_the_rest_and_the_receives() {
+        let (mut shared, _link) = shared();
+        let mut qp = connected_qp(&QpSettings::default(), 0);
+        queue_send(&mut qp, 1, 8);
+        queue_send(&mut qp, 2, 8);
+        qp.recvs.push_back(RecvWqe {
+            wr_id: 3,
+            local: Sge::default(),
+        });
+        qp.timer_start = Some(Instant::now());
+        qp.fail_head(&mut shared, CompletionStatus::RemoteAccessError, Some(0x62));
+        let done: Vec<_> = shared
+            .cq
+            .entries
+            .iter()
+            .map(|c| (c.wr_id, c.opcode, c.status, c.nak_code))
+            .collect();
+        assert_eq!(
+            done,
+            [
+                (
+                    1,
+                    CompletionOpcode::Send,
+                    CompletionStatus::RemoteAccessError,
+                    Some(0x62)
+                ),
+                (2, CompletionOpcode::Send, CompletionStatus::Flushed, None),
+                (3, CompletionOpcode::Recv, CompletionStatus::Flushed, None),
+            ]
+        );
+        assert_eq!(qp.state, QpStateName::Error);
+        assert!(qp.wqes.is_empty() && qp.recvs.is_empty() && qp.timer_start.is_none());
+    }
+
+    #[test]
+    fn a_full_completion_queue_drops_its_oldest_and_counts_it() {
+        let (mut shared, _link) = shared();
+        let recv = RecvWqe {
+            wr_id: 0,
+            local: Sge::default(),
+        };
+        for wr_id in 0..=MAX_COMPLETIONS as u64 {
+            shared.complete(Completion {
+                wr_id,
+                ..recv.completion(1, CompletionStatus::Success)
+            });
+        }
+        assert_eq!(shared.cq.entries.len(), MAX_COMPLETIONS);
+        assert_eq!(shared.cq.entries.front().map(|c| c.wr_id), Some(1));
+        assert_eq!(shared.wire.stats.completions_dropped, 1);
+        assert_eq!(shared.wire.stats.completions, MAX_COMPLETIONS as u64 + 1);
+    }
+
+    #[test]
+    fn nak_codes_map_to_completion_statuses() {
+        assert_eq!(
+            nak_status(NAK_INVALID_REQUEST),
+            CompletionStatus::RemoteInvalidRequest
+        );
+        assert_eq!(
+            nak_status(NAK_REMOTE_ACCESS),
+            CompletionStatus::RemoteAccessError
+        );
+        assert_eq!(nak_status(0x63), CompletionStatus::RemoteOperationError);
     }
 }

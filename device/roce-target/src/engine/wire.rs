@@ -37,6 +37,19 @@ impl std::fmt::Debug for Wire {
 }
 
 impl Wire {
+    pub(super) fn new(config: EngineConfig, link: Box<dyn Link>) -> Self {
+        Self {
+            config,
+            link,
+            neighbours: HashMap::new(),
+            arp_sent_at: HashMap::new(),
+            ip_id: random_u32() as u16,
+            pcap: None,
+            stats: TargetStats::default(),
+            frame: Vec::with_capacity(4200),
+        }
+    }
+
     pub(super) fn capture(&mut self, frame: &[u8]) {
         if let Some(pcap) = &mut self.pcap {
             match pcap.record(frame) {
