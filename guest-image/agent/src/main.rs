@@ -4,7 +4,7 @@
 //! Outside a guest (`--stdio`, or any PID other than 1) it serves stdin/stdout and exits at
 //! EOF, which is how it is debugged and integration-tested on a host.
 
-#[macro_use]
+mod describe;
 mod dispatch;
 mod error;
 #[cfg(test)]

@@ -15,7 +15,8 @@ use p2prig_protocol::wire::{
 };
 
 use crate::agent_log;
-use crate::dispatch::{describe, is_chatty, After, Agent};
+use crate::describe::{describe, is_chatty};
+use crate::dispatch::{After, Agent};
 use crate::platform::Platform;
 
 /// How a session ended.

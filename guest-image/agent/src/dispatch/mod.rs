@@ -13,69 +13,10 @@ use p2prig_protocol::agent::{AgentOp, AgentReply, DmabufUapi, KmemleakCommand};
 use p2prig_protocol::wire::{ErrorReply, Outcome};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 
+use crate::describe::describe;
 use crate::error::{AgentError, Result};
 use crate::platform::{Device, Platform};
 use crate::vfio::{DmabufRequest, RegionInfo};
-
-/// The networking and verbs ops, which rdma_ops runs: a pattern, so dispatch's matches name every
-/// op without a wildcard and a new op nobody handles is a compile error.
-macro_rules! rdma_op {
-    () => {
-        AgentOp::NetUp { .. }
-            | AgentOp::NeighAdd { .. }
-            | AgentOp::RdmaLinkAdd { .. }
-            | AgentOp::RdmaOpen { .. }
-            | AgentOp::RdmaClose { .. }
-            | AgentOp::RdmaGid { .. }
-            | AgentOp::AllocPd { .. }
-            | AgentOp::DeallocPd { .. }
-            | AgentOp::CreateCq { .. }
-            | AgentOp::DestroyCq { .. }
-            | AgentOp::CreateQp { .. }
-            | AgentOp::DestroyQp { .. }
-            | AgentOp::QpInit { .. }
-            | AgentOp::QpRtr { .. }
-            | AgentOp::QpRts { .. }
-            | AgentOp::QpReset { .. }
-            | AgentOp::QpQuery { .. }
-            | AgentOp::RegMr { .. }
-            | AgentOp::RegDmabufMr { .. }
-            | AgentOp::DeregMr { .. }
-            | AgentOp::MrWrite { .. }
-            | AgentOp::MrRead { .. }
-            | AgentOp::PostSend { .. }
-            | AgentOp::PostRecv { .. }
-            | AgentOp::PollCq { .. }
-    };
-}
-
-/// Every other op, which dispatch runs itself (the complement of [`rdma_op`]).
-macro_rules! device_op {
-    () => {
-        AgentOp::Hello
-            | AgentOp::FindPci { .. }
-            | AgentOp::VfioBind { .. }
-            | AgentOp::VfioOpen { .. }
-            | AgentOp::VfioClose { .. }
-            | AgentOp::DmabufExport { .. }
-            | AgentOp::DmabufClose { .. }
-            | AgentOp::BarWrite { .. }
-            | AgentOp::BarRead { .. }
-            | AgentOp::ConfigRead { .. }
-            | AgentOp::ConfigWrite { .. }
-            | AgentOp::VfioReset { .. }
-            | AgentOp::VfioHotReset { .. }
-            | AgentOp::VfioRegion { .. }
-            | AgentOp::PciAttrRead { .. }
-            | AgentOp::PciAttrWrite { .. }
-            | AgentOp::Kmemleak { .. }
-            | AgentOp::Sysrq { .. }
-            | AgentOp::Sleep { .. }
-            | AgentOp::Dmesg
-            | AgentOp::OpenFds
-            | AgentOp::PowerOff
-    };
-}
 
 /// Longest Sleep the agent accepts; longer is surely a unit mistake in the caller.
 pub const MAX_SLEEP_MS: u64 = 600_000;
@@ -137,104 +78,6 @@ impl<P: std::fmt::Debug> std::fmt::Debug for Agent<P> {
             .field("dmabufs", &lock(&self.dmabufs).entries.len())
             .finish()
     }
-}
-
-/// A sentence naming the operation and its arguments, the prefix of every error message.
-pub fn describe(op: &AgentOp) -> String {
-    match op {
-        AgentOp::Hello => "hello".into(),
-        AgentOp::FindPci { class } => format!("find_pci class {class:#08x}"),
-        AgentOp::VfioBind { bdf } => format!("vfio_bind {bdf}"),
-        AgentOp::VfioOpen { bdf } => format!("vfio_open {bdf}"),
-        AgentOp::PciAttrRead { bdf, attribute } => format!("pci_attr_read {bdf} {attribute}"),
-        AgentOp::Kmemleak { command } => format!("kmemleak {command:?}"),
-        AgentOp::Sysrq { report } => format!("sysrq {report:?}"),
-        AgentOp::PciAttrWrite {
-            bdf,
-            attribute,
-            value,
-        } => format!("pci_attr_write {bdf} {attribute} {value:?}"),
-        AgentOp::VfioClose { device } => format!("vfio_close device {device}"),
-        AgentOp::DmabufExport {
-            device,
-            bar,
-            offset,
-            length,
-            uapi,
-        } => format!(
-            "dmabuf_export device {device} bar {bar} offset {offset:#x} length {length:#x} uapi {}",
-            uapi_name(*uapi)
-        ),
-        AgentOp::DmabufClose { dmabuf } => format!("dmabuf_close dmabuf {dmabuf}"),
-        AgentOp::BarWrite {
-            device,
-            bar,
-            offset,
-            width,
-            value,
-        } => format!(
-            "bar_write device {device} bar {bar} offset {offset:#x} width {width} value {value:#x}"
-        ),
-        AgentOp::BarRead {
-            device,
-            bar,
-            offset,
-            width,
-        } => format!("bar_read device {device} bar {bar} offset {offset:#x} width {width}"),
-        AgentOp::ConfigRead {
-            device,
-            offset,
-            width,
-        } => format!("config_read device {device} offset {offset:#x} width {width}"),
-        AgentOp::ConfigWrite {
-            device,
-            offset,
-            width,
-            value,
-        } => format!(
-            "config_write device {device} offset {offset:#x} width {width} value {value:#x}"
-        ),
-        AgentOp::VfioReset { device } => format!("vfio_reset device {device}"),
-        AgentOp::VfioHotReset { device } => format!("vfio_hot_reset device {device}"),
-        AgentOp::VfioRegion { device, index } => {
-            format!("vfio_region device {device} index {index}")
-        }
-        AgentOp::Sleep { ms } => format!("sleep {ms} ms"),
-        AgentOp::Dmesg => "dmesg".into(),
-        AgentOp::OpenFds => "open_fds".into(),
-        AgentOp::PowerOff => "power_off".into(),
-        op @ rdma_op!() => crate::rdma_ops::describe(op),
-    }
-}
-
-fn uapi_name(uapi: DmabufUapi) -> &'static str {
-    match uapi {
-        DmabufUapi::SeedV1 => "seed_v1",
-        DmabufUapi::Upstream => "upstream",
-    }
-}
-
-/// Operations frequent enough (tight loops in scenarios) that logging each one to the slow
-/// serial console would change the timing being tested; their failures are still logged.
-pub fn is_chatty(op: &AgentOp) -> bool {
-    matches!(
-        op,
-        AgentOp::BarRead { .. }
-            | AgentOp::BarWrite { .. }
-            | AgentOp::ConfigRead { .. }
-            | AgentOp::ConfigWrite { .. }
-            | AgentOp::Sleep { .. }
-            | AgentOp::VfioRegion { .. }
-            | AgentOp::Hello
-            | AgentOp::Dmesg
-            | AgentOp::OpenFds
-            | AgentOp::MrRead { .. }
-            | AgentOp::MrWrite { .. }
-            | AgentOp::PostSend { .. }
-            | AgentOp::PostRecv { .. }
-            | AgentOp::PollCq { .. }
-            | AgentOp::QpQuery { .. }
-    )
 }
 
 fn value_mask(width: u8) -> u64 {
@@ -332,6 +175,7 @@ impl<P: Platform> Agent<P> {
     }
 
     fn run(&self, op: &AgentOp) -> Result<AgentReply> {
+        // Every op by name, no wildcard: a new op that nobody handles is a compile error.
         match op {
             AgentOp::Hello => Ok(AgentReply::Hello {
                 kernel_release: self.platform.kernel_release()?,
@@ -509,9 +353,104 @@ impl<P: Platform> Agent<P> {
             }
             // The RPC loop powers off after the reply has gone out.
             AgentOp::PowerOff => Ok(AgentReply::Done),
-            // Networking and verbs: rdma_ops. Listed, not a wildcard, so a new op that
-            // nobody handles is a compile error here.
-            op @ rdma_op!() => self.run_rdma(op),
+            // Networking and verbs: rdma_ops checks the arguments, then calls the platform.
+            AgentOp::NetUp {
+                ifname,
+                addr,
+                prefix,
+            } => self.net_up(ifname, addr, *prefix),
+            AgentOp::NeighAdd { ifname, ip, mac } => self.neigh_add(ifname, ip, mac),
+            AgentOp::RdmaLinkAdd { name, netdev } => self.rdma_link_add(name, netdev),
+            AgentOp::RdmaOpen { name } => self.rdma_open(name),
+            AgentOp::RdmaClose { context } => self.rdma_close(*context),
+            AgentOp::RdmaGid { context } => self.rdma_gid(*context),
+            AgentOp::AllocPd { context } => self.alloc_pd(*context),
+            AgentOp::DeallocPd { pd } => self.dealloc_pd(*pd),
+            AgentOp::CreateCq { context, entries } => self.create_cq(*context, *entries),
+            AgentOp::DestroyCq { cq } => self.destroy_cq(*cq),
+            AgentOp::CreateQp {
+                pd,
+                send_cq,
+                recv_cq,
+                max_send_wr,
+                max_recv_wr,
+            } => self.create_qp(*pd, *send_cq, *recv_cq, *max_send_wr, *max_recv_wr),
+            AgentOp::DestroyQp { qp } => self.destroy_qp(*qp),
+            AgentOp::QpInit { qp, access } => self.qp_init(*qp, access),
+            AgentOp::QpRtr {
+                qp,
+                remote_qpn,
+                remote_psn,
+                remote_gid,
+                path_mtu,
+                gid_index,
+                max_dest_rd_atomic,
+                min_rnr_timer,
+            } => self.qp_rtr(
+                *qp,
+                *remote_qpn,
+                *remote_psn,
+                remote_gid,
+                *path_mtu,
+                *gid_index,
+                *max_dest_rd_atomic,
+                *min_rnr_timer,
+            ),
+            AgentOp::QpRts {
+                qp,
+                psn,
+                timeout,
+                retry_cnt,
+                rnr_retry,
+                max_rd_atomic,
+            } => self.qp_rts(*qp, *psn, *timeout, *retry_cnt, *rnr_retry, *max_rd_atomic),
+            AgentOp::QpReset { qp } => self.qp_reset(*qp),
+            AgentOp::QpQuery { qp } => self.qp_query(*qp),
+            AgentOp::RegMr { pd, length, access } => self.reg_mr(*pd, *length, access),
+            AgentOp::RegDmabufMr {
+                pd,
+                dmabuf,
+                offset,
+                length,
+                iova,
+                access,
+            } => self.reg_dmabuf_mr(*pd, *dmabuf, *offset, *length, *iova, access),
+            AgentOp::DeregMr { mr } => self.dereg_mr(*mr),
+            AgentOp::MrWrite { mr, offset, data } => self.mr_write(*mr, *offset, data),
+            AgentOp::MrRead { mr, offset, length } => self.mr_read(*mr, *offset, *length),
+            AgentOp::PostSend {
+                qp,
+                wr_id,
+                opcode,
+                mr,
+                offset,
+                length,
+                remote_addr,
+                rkey,
+                signaled,
+            } => self.post_send(
+                *qp,
+                *wr_id,
+                *opcode,
+                *mr,
+                *offset,
+                *length,
+                *remote_addr,
+                *rkey,
+                *signaled,
+            ),
+            AgentOp::PostRecv {
+                qp,
+                wr_id,
+                mr,
+                offset,
+                length,
+            } => self.post_recv(*qp, *wr_id, *mr, *offset, *length),
+            AgentOp::PollCq {
+                cq,
+                count,
+                timeout_ms,
+            } => self.poll_cq(*cq, *count, *timeout_ms),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Tests of rdma_ops against the fake platform (crate::fake).
-use p2prig_protocol::agent::{Access, Completion, SendOpcode};
+use p2prig_protocol::agent::{Access, AgentOp, Completion, SendOpcode};
 use p2prig_protocol::wire::{decode_line, Outcome, Request};
 
 use super::*;

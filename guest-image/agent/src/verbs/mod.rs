@@ -58,7 +58,6 @@ fn library() -> Result<&'static sys::Verbs> {
         })
 }
 
-/// An error from a verbs call that returned `rc` (an errno, or -1 with errno set).
 /// `ptr` from a verbs call that returns NULL (with errno set) on failure.
 fn created<T>(ptr: *mut T, what: &str) -> Result<*mut T> {
     if ptr.is_null() {
@@ -68,6 +67,7 @@ fn created<T>(ptr: *mut T, what: &str) -> Result<*mut T> {
     }
 }
 
+/// An error from a verbs call that returned `rc` (an errno, or -1 with errno set).
 fn verbs_error(what: &str, rc: i64) -> AgentError {
     let errno = if rc > 0 {
         rc as i32

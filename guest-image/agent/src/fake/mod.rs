@@ -1,9 +1,10 @@
-//! The fake platform the dispatcher's and the RDMA ops' tests run against: a VFIO device,
-//! dma-bufs and verbs in memory, with `ok`/`err` helpers that run one op and unwrap its reply.
+//! The fake platform the dispatcher's, the RDMA ops' and the RPC loop's tests run against: a
+//! VFIO device, dma-bufs and verbs in memory, with `ok`/`err` helpers that run one op and
+//! unwrap its reply.
 
-//! A fake platform and device for dispatcher and RPC tests.
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,12 +12,14 @@ use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::wire::{ErrorReply, Outcome};
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 
-use crate::dispatch::*;
+use crate::dispatch::{lock, Agent};
 use crate::error::{AgentError, Result};
 use crate::platform::{Device, Platform};
 use crate::vfio::{DmabufRequest, RegionInfo};
-use std::os::fd::FromRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+mod rdma;
+
+pub use rdma::FakeRdma;
 
 /// The reply of an operation that must succeed.
 pub fn ok(agent: &Agent<FakePlatform>, op: AgentOp) -> AgentReply {
@@ -145,7 +148,7 @@ pub struct FakePlatform {
     pub devices: Mutex<BTreeMap<String, Arc<FakeDevice>>>,
     /// Networking requests that reached the "kernel".
     pub net_calls: Mutex<Vec<String>>,
-    pub rdma: crate::rdma::fake::FakeRdma,
+    pub rdma: FakeRdma,
     pub powered_off: AtomicBool,
     /// When set, find_pci waits (up to 10 s) until hello has been called: proves that a
     /// slow request does not hold up the next one.
