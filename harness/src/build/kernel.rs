@@ -10,7 +10,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::build::cache::{self, Cache, KeyBuilder};
+use crate::build::cache::{self, Cache, CacheKey, KeyBuilder};
 use crate::build::recipe::{recipes_dir, Recipe};
 use p2prig_protocol::agent::DmabufUapi;
 
@@ -320,6 +320,26 @@ pub fn load_flavor(name: &str) -> Result<Flavor> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// Every pinned kernel source (kernel-patches/sources/*.toml), by name.
+pub fn sources() -> Result<Vec<(String, Source)>> {
+    let dir = patches_root().join("sources");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| Ok((name.clone(), load_source(&name)?)))
+        .collect()
+}
+
 fn load_source(name: &str) -> Result<Source> {
     let path = patches_root().join("sources").join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&path)
@@ -343,7 +363,18 @@ fn variant_fragments(config_dir: &Path, fragments: &[String], variant: Variant) 
     out
 }
 
-pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
+/// Everything a flavor's kernel is built from, and the cache key over all of it.
+struct Inputs {
+    flavor: Flavor,
+    source: Source,
+    series: Vec<PathBuf>,
+    fragments: Vec<PathBuf>,
+    /// KERNEL_TARBALL: a user's tarball instead of the pinned source.
+    tarball: Option<String>,
+    key: CacheKey,
+}
+
+fn inputs(spec: &FlavorSpec) -> Result<Inputs> {
     let flavor = load_flavor(&spec.flavor)?;
     let source = load_source(&flavor.source)?;
     let root = patches_root();
@@ -388,8 +419,31 @@ pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
     if let Some(t) = &tarball {
         key = key.text("tarball", &cache::sha256_file(Path::new(t))?);
     }
-    let key = key.finish();
+    Ok(Inputs {
+        flavor,
+        source,
+        series,
+        fragments,
+        tarball,
+        key: key.finish(),
+    })
+}
 
+/// The cache key of a flavor's kernel (`p2prig build keys`), computed without building.
+pub fn cache_key(spec: &FlavorSpec) -> Result<CacheKey> {
+    Ok(inputs(spec)?.key)
+}
+
+pub fn build(cache: &Cache, spec: &FlavorSpec) -> Result<Kernel> {
+    let Inputs {
+        flavor,
+        source,
+        series,
+        fragments,
+        tarball,
+        key,
+    } = inputs(spec)?;
+    let recipes = recipes_dir();
     let out = cache.artifact("kernel", &key);
     let done = |out: &Path| Kernel {
         bzimage: out.join("bzImage"),

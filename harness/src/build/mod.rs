@@ -7,3 +7,21 @@ pub mod kernel;
 pub mod qemu;
 pub mod rdma_core;
 pub mod recipe;
+
+/// The cache keys of the pinned builds, one `artifact key` line each, computed without building
+/// anything: CI derives its cache key from them, so any input p2prig hashes (a recipe, a
+/// patch, a config fragment, the cache layout) invalidates CI's cache too. The initramfs is
+/// left out: it is rebuilt in seconds from the workspace's binaries.
+pub fn cache_keys(kernels: &[kernel::FlavorSpec]) -> anyhow::Result<Vec<String>> {
+    let mut lines = vec![
+        format!("qemu {}", qemu::cache_key()?.short()),
+        format!("rdma-core {}", rdma_core::cache_key()?.short()),
+    ];
+    for spec in kernels {
+        lines.push(format!(
+            "kernel {spec} {}",
+            kernel::cache_key(spec)?.short()
+        ));
+    }
+    Ok(lines)
+}

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::build::cache::{self, Cache, KeyBuilder};
+use crate::build::cache::{self, Cache, CacheKey, KeyBuilder};
 use crate::build::recipe::{recipes_dir, Recipe};
 
 /// A QEMU binary known to have `vfio-user-pci`.
@@ -22,15 +22,8 @@ pub fn build(cache: &Cache) -> Result<Qemu> {
         return Ok(Qemu { binary });
     }
     let recipes = recipes_dir();
-    let mut key = KeyBuilder::default()
-        .file("recipe", &recipes.join("qemu.sh"))?
-        .file("apt", &recipes.join("apt-private.sh"))?;
-    let tarball = std::env::var("QEMU_TARBALL").ok().filter(|s| !s.is_empty());
-    if let Some(t) = &tarball {
-        key = key.text("tarball", &cache::sha256_file(Path::new(t))?);
-    }
-    let key = key.finish();
-    let out = cache.artifact("qemu", &key);
+    let tarball = tarball();
+    let out = cache.artifact("qemu", &cache_key()?);
     let binary = out.join("bin/qemu-system-x86_64");
     if binary.is_file() {
         return Ok(Qemu { binary });
@@ -67,7 +60,32 @@ pub fn build(cache: &Cache) -> Result<Qemu> {
     Ok(Qemu { binary })
 }
 
-fn check_has_vfio_user(binary: &Path) -> Result<()> {
+/// The cached build's binary, if QEMU has been built with today's inputs.
+pub fn cached_binary(cache: &Cache) -> Result<Option<PathBuf>> {
+    let binary = cache
+        .artifact("qemu", &cache_key()?)
+        .join("bin/qemu-system-x86_64");
+    Ok(binary.is_file().then_some(binary))
+}
+
+/// QEMU_TARBALL: a user's QEMU source tarball instead of the pinned one.
+fn tarball() -> Option<String> {
+    std::env::var("QEMU_TARBALL").ok().filter(|s| !s.is_empty())
+}
+
+/// The cache key of the QEMU build (`p2prig build keys`), computed without building.
+pub fn cache_key() -> Result<CacheKey> {
+    let recipes = recipes_dir();
+    let mut key = KeyBuilder::default()
+        .file("recipe", &recipes.join("qemu.sh"))?
+        .file("apt", &recipes.join("apt-private.sh"))?;
+    if let Some(t) = tarball() {
+        key = key.text("tarball", &cache::sha256_file(Path::new(&t))?);
+    }
+    Ok(key.finish())
+}
+
+pub fn check_has_vfio_user(binary: &Path) -> Result<()> {
     let output = Command::new(binary)
         .args(["-device", "help"])
         .output()

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::build::cache::{self, Cache, KeyBuilder};
+use crate::build::cache::{self, Cache, CacheKey, KeyBuilder};
 use crate::build::recipe::{recipes_dir, Recipe};
 
 /// A finished rdma-core build.
@@ -37,20 +37,31 @@ pub fn patches_dir() -> PathBuf {
     crate::rig::paths::project_root().join("guest-image/rdma-core")
 }
 
-pub fn build(cache: &Cache) -> Result<RdmaCore> {
+/// RDMA_CORE_TARBALL: a user's rdma-core source tarball instead of the pinned one.
+fn tarball() -> Option<String> {
+    std::env::var("RDMA_CORE_TARBALL")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// The cache key of the rdma-core build (`p2prig build keys`), computed without building.
+pub fn cache_key() -> Result<CacheKey> {
     let recipes = recipes_dir();
-    let patches = patches_dir();
     let mut key = KeyBuilder::default()
         .file("recipe", &recipes.join("rdma-core.sh"))?
         .file("apt", &recipes.join("apt-private.sh"))?
-        .dir("patches", &patches)?;
-    let tarball = std::env::var("RDMA_CORE_TARBALL")
-        .ok()
-        .filter(|s| !s.is_empty());
-    if let Some(t) = &tarball {
-        key = key.text("tarball", &cache::sha256_file(Path::new(t))?);
+        .dir("patches", &patches_dir())?;
+    if let Some(t) = tarball() {
+        key = key.text("tarball", &cache::sha256_file(Path::new(&t))?);
     }
-    let key = key.finish();
+    Ok(key.finish())
+}
+
+pub fn build(cache: &Cache) -> Result<RdmaCore> {
+    let recipes = recipes_dir();
+    let patches = patches_dir();
+    let tarball = tarball();
+    let key = cache_key()?;
     let out = cache.artifact("rdma-core", &key);
     let built = RdmaCore { dir: out.clone() };
     if is_complete(&built) {

@@ -593,7 +593,13 @@ mod tests {
         write(&report, &page)?;
         let png = dir.join("report.png");
         let profile = tempfile::tempdir()?;
-        let status = std::process::Command::new("chromium")
+        // CHROME=: the runner's own browser where Debian's chromium is not installed (Ubuntu's
+        // is a snap; GitHub's image has google-chrome).
+        let browser = std::env::var("CHROME")
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| "chromium".into());
+        let status = std::process::Command::new(&browser)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -611,8 +617,10 @@ mod tests {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
-            .context("running chromium (install it with `make deps`)")?;
-        assert!(status.success(), "chromium failed: {status}");
+            .with_context(|| {
+                format!("running {browser} (install chromium with `make deps`, or set CHROME=/path/to/chrome)")
+            })?;
+        assert!(status.success(), "{browser} failed: {status}");
         let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png)?));
         let mut reader = decoder.read_info()?;
         let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checks;
 pub mod expectations;
+pub mod github;
 pub mod html;
 pub mod list;
 pub mod report;

@@ -76,6 +76,34 @@ pub struct ScenarioResult {
     pub run_dir: PathBuf,
 }
 
+impl ScenarioResult {
+    /// What was expected and what happened instead, for a mismatch: the JUnit failure and the
+    /// CI annotation.
+    pub fn mismatch(&self) -> String {
+        match self.expect {
+            Expect::Pass => "expected to pass".to_string(),
+            Expect::Fail(why) if self.passed => format!("expected to fail ({why}) but passed"),
+            Expect::Fail(why) => format!(
+                "expected to fail ({why}) in {}, but failed elsewhere",
+                why.shows_as
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        }
+    }
+
+    /// The names of the checks that failed, in the order they ran.
+    pub fn failed_checks(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+}
+
 /// A boot of the rig.
 #[derive(Debug, Clone, Serialize)]
 pub struct Boot {
@@ -233,25 +261,11 @@ impl RunReport {
                     r.duration.as_secs_f64()
                 );
                 match (r.verdict, r.expect) {
-                    (Verdict::Mismatch, expect) => {
-                        let wanted = match expect {
-                            Expect::Pass => "expected to pass".to_string(),
-                            Expect::Fail(why) if r.passed => {
-                                format!("expected to fail ({why}) but passed")
-                            }
-                            Expect::Fail(why) => format!(
-                                "expected to fail ({why}) in {}, but failed elsewhere",
-                                why.shows_as
-                                    .iter()
-                                    .map(|c| c.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(" or ")
-                            ),
-                        };
+                    (Verdict::Mismatch, _) => {
                         let _ = write!(
                             xml,
                             "\n      <failure message=\"{}: {}\"/>\n    ",
-                            escape(&wanted),
+                            escape(&r.mismatch()),
                             escape(&r.note)
                         );
                     }
