@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod build;
@@ -21,7 +21,7 @@ use kernel::{BuildTarget, FlavorSpec, KernelChoice};
 use report::RunReport;
 use rig::{accel, paths, process};
 use rig::{RigConfig, RunDir};
-use run::{bench, expectations, github, html, list, report, runner};
+use run::{bench, expectations, list, outputs, report, runner};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,12 +50,38 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Render a run's results.json again: report.html, junit.xml and summary.md in its
+    /// directory and the table on the terminal, or KTAP on stdout.
+    Report {
+        /// A run directory (target/p2prig/runs/...) or its results.json.
+        run: PathBuf,
+        #[arg(long, value_enum, default_value = "files")]
+        format: ReportFormat,
+    },
+    /// Join the results.json of a run's shards (`run --shard K/N`) into one report in --out,
+    /// as if one machine had run them; exit 1 if any outcome is not as expected.
+    Merge {
+        /// Each shard's results.json (or run directory).
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// Directory for the merged results.json, junit.xml, report.html and summary.md.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Check every prerequisite (tools, QEMU, KVM, kernel sources, disk space) and print the
     /// command that fixes each missing one; builds nothing. Exit 1 if a run would fail.
     Doctor,
     /// Measure the rig's performance figures in one boot (boot time, RDMA WRITE latency and
     /// throughput into ordinary and CMB memory, in-guest loopback); reports, asserts nothing.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    /// report.html, junit.xml and summary.md written again, the table printed.
+    Files,
+    /// KTAP version 1 on stdout, for kselftest-minded tools.
+    Ktap,
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +151,10 @@ struct RunArgs {
     /// one it used (default: a fresh one per run).
     #[arg(long, value_parser = parse_seed)]
     seed: Option<u64>,
+    /// Run only shard K of N of the scenario x kernel pairs (dealt round-robin, the same way
+    /// every time); `p2prig merge` joins the shards' results. Give every shard the same --seed.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<runner::Shard>,
 }
 
 fn parse_seed(text: &str) -> std::result::Result<u64, String> {
@@ -234,6 +264,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             list::print(json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Report { run, format } => {
+            let (dir, report) = read_results(&run)?;
+            match format {
+                ReportFormat::Ktap => print!("{}", run::ktap::render(&report)),
+                ReportFormat::Files => {
+                    outputs::write_all(&report, &dir)?;
+                    outputs::summarize(&report, &dir);
+                }
+            }
+            Ok(exit_code(report.all_match()))
+        }
+        Cmd::Merge { results, out } => {
+            let inputs = results
+                .iter()
+                .map(|path| Ok((path.clone(), read_results(path)?.1)))
+                .collect::<Result<Vec<_>>>()?;
+            let merged = run::merge::merge(&inputs)?;
+            std::fs::create_dir_all(&out).map_err(|e| {
+                anyhow::anyhow!("creating the merge directory {}: {e}", out.display())
+            })?;
+            outputs::write_all(&merged, &out)?;
+            outputs::summarize(&merged, &out);
+            outputs::tell_github_actions(&merged)?;
+            Ok(exit_code(merged.all_match()))
+        }
         Cmd::Doctor => Ok(if doctor::print(&doctor::examine(&cache)) {
             ExitCode::SUCCESS
         } else {
@@ -249,13 +304,48 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     expectations::get()?;
     let scenarios = scenarios::select(&args.scenario)?;
     let kernels = kernels_of(&args)?;
-    let boots = runner::boots(&kernels, &scenarios, args.debug_variants);
-    if boots.is_empty() {
+    let whole = runner::boots(&kernels, &scenarios, args.debug_variants);
+    let (boots, shard) = match args.shard {
+        None => (whole, None),
+        Some(shard) => {
+            let part = runner::shard(&whole, shard);
+            let of = report::ShardOf {
+                index: shard.index,
+                count: shard.count,
+                kernels: whole.iter().map(|(k, _)| k.to_string()).collect(),
+            };
+            if part.is_empty() && !whole.is_empty() {
+                println!(
+                    "shard {}/{}: no scenario x kernel pair falls to this shard (the plan has {})",
+                    shard.index,
+                    shard.count,
+                    whole.iter().map(|(_, s)| s.len()).sum::<usize>()
+                );
+            }
+            (part, Some(of))
+        }
+    };
+    if boots.is_empty() && shard.is_none() {
         anyhow::bail!(
             "nothing to run: `{}` selects only debug scenarios; add --debug-variants or a \
              FLAVOR:debug kernel",
             args.scenario
         );
+    }
+    let seed = args.seed.unwrap_or_else(fresh_seed);
+    if boots.is_empty() {
+        // A shard with nothing to do still leaves results, so that `merge` sees every shard.
+        let empty = RunReport {
+            strict: args.strict,
+            shard,
+            seed,
+            boots: Vec::new(),
+            results: Vec::new(),
+        };
+        let top = RunDir::create("empty-shard")?;
+        outputs::write_all(&empty, &top.path)?;
+        println!("results (none) in {}", top.path.display());
+        return Ok(ExitCode::SUCCESS);
     }
     let qemu = qemu::build(cache)?;
     let image = image::build(cache)?;
@@ -264,7 +354,8 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     let plan = runner::RunPlan {
         boots,
         strict: args.strict,
-        seed: args.seed.unwrap_or_else(fresh_seed),
+        shard,
+        seed,
         rig: RigConfig {
             qemu: qemu.binary,
             bzimage: first_kernel.bzimage,
@@ -297,17 +388,12 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         };
         let dir = repetition_dir.as_ref().unwrap_or(&top);
         let report = runner::run(cache, &plan, dir)?;
-        report.write_junit(&dir.file("junit.xml"))?;
-        report.write_json(&dir.file("results.json"))?;
-        html::write(&report, &dir.file("report.html"))?;
-        let summary = github::summary_markdown(&report);
-        std::fs::write(dir.file("summary.md"), &summary)
-            .with_context(|| format!("writing {}", dir.file("summary.md").display()))?;
+        outputs::write_all(&report, &dir.path)?;
         if let Some(path) = &args.junit {
             report.write_junit(path)?;
         }
-        summarize(&report, dir);
-        tell_github_actions(&report, &summary)?;
+        outputs::summarize(&report, &dir.path);
+        outputs::tell_github_actions(&report)?;
         reports.push(report);
     }
     let flakes = report::flakes(&reports);
@@ -333,30 +419,25 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
     )
 }
 
-/// Under GitHub Actions: the job summary appended to $GITHUB_STEP_SUMMARY and an `::error`
-/// annotation per mismatch on stdout.
-fn tell_github_actions(report: &RunReport, summary: &str) -> Result<()> {
-    if std::env::var("GITHUB_ACTIONS").as_deref() != Ok("true") {
-        return Ok(());
+/// A run directory or a results.json: the directory and the report read back.
+fn read_results(path: &std::path::Path) -> Result<(PathBuf, RunReport)> {
+    let (dir, file) = if path.is_dir() {
+        (path.to_path_buf(), path.join("results.json"))
+    } else {
+        let dir = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());
+        (dir, path.to_path_buf())
+    };
+    Ok((dir, RunReport::read_json(&file)?))
+}
+
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
-    for line in github::annotations(report) {
-        println!("{line}");
-    }
-    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
-        use std::io::Write as _;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .and_then(|mut f| f.write_all(summary.as_bytes()))
-            .with_context(|| {
-                format!(
-                    "appending the job summary to GITHUB_STEP_SUMMARY={}",
-                    PathBuf::from(&path).display()
-                )
-            })?;
-    }
-    Ok(())
 }
 
 /// The kernels a run boots: every --kernel, then every --kernel-src; v1 when none is given.
@@ -369,29 +450,6 @@ fn kernels_of(args: &RunArgs) -> Result<Vec<KernelChoice>> {
         kernels.push("v1".parse()?);
     }
     Ok(kernels)
-}
-
-/// The end of one run on the terminal: boots, the table, per-kernel suite time, the verdict.
-fn summarize(report: &RunReport, dir: &RunDir) {
-    for boot in &report.boots {
-        println!(
-            "boot {} under {}: {} after {:.1} s",
-            boot.flavor,
-            boot.accel,
-            if boot.ok { "agent ready" } else { "FAILED" },
-            boot.to_agent_ready.as_secs_f64()
-        );
-    }
-    println!("\n{}", report.table());
-    for (kernel, took) in report.suite_times() {
-        println!("suite time on {kernel}: {:.1} s", took.as_secs_f64());
-    }
-    let mismatches = report.results.iter().filter(|r| !r.verdict.is_ok()).count();
-    println!(
-        "{} results, {mismatches} not as expected; report {}",
-        report.results.len(),
-        dir.file("report.html").display()
-    );
 }
 
 fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {

@@ -2,7 +2,7 @@
 //! file can only name a check that exists, and renaming a check here renames it everywhere.
 //! Flavor files and kernel-patches/defects.toml are validated against [`ALL`] when loaded.
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A check's name. Only the constants below make one: a scenario cannot record a name that
 /// expectations could not refer to.
@@ -29,6 +29,18 @@ impl std::fmt::Display for CheckId {
 impl Serialize for CheckId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.0)
+    }
+}
+
+/// Read back from a results.json: only a name this p2prig knows.
+impl<'de> Deserialize<'de> for CheckId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        CheckId::named(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown check `{name}`: read these results with the p2prig version that wrote them"
+            ))
+        })
     }
 }
 

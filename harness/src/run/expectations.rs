@@ -60,6 +60,22 @@ impl Serialize for ExpectedFailure {
     }
 }
 
+/// Read back from a results.json (`p2prig report`, `p2prig merge`): the defect by id from this
+/// p2prig's defects.toml, its checks as one of the sets the data declares for it.
+impl<'de> Deserialize<'de> for ExpectedFailure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Stored {
+            id: String,
+            shows_as: Vec<CheckId>,
+        }
+        let stored = Stored::deserialize(d)?;
+        get()
+            .and_then(|expectations| expectations.declared_failure(&stored.id, &stored.shows_as))
+            .map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
 impl std::fmt::Display for ExpectedFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.defect.fmt(f)
@@ -67,7 +83,7 @@ impl std::fmt::Display for ExpectedFailure {
 }
 
 /// What a scenario is expected to do on a kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "expect", content = "defect", rename_all = "snake_case")]
 pub enum Expect {
     Pass,
@@ -120,6 +136,33 @@ pub struct Expectations {
 }
 
 impl Expectations {
+    /// The expected failure of defect `id` showing in `shows_as`, as declared by
+    /// defects.toml or a flavor file (results from another p2prig version may name others).
+    pub fn declared_failure(&self, id: &str, shows_as: &[CheckId]) -> Result<ExpectedFailure> {
+        let Some(defect) = self.defects.iter().copied().find(|d| d.id == id) else {
+            bail!(
+                "the results name defect `{id}`, which kernel-patches/defects.toml does not \
+                 declare: read them with the p2prig version that wrote them"
+            );
+        };
+        if defect.shows_in == shows_as {
+            return Ok(ExpectedFailure {
+                defect,
+                shows_as: &defect.shows_in,
+            });
+        }
+        self.failures
+            .values()
+            .find(|f| f.defect.id == id && f.shows_as == shows_as)
+            .copied()
+            .with_context(|| {
+                format!(
+                    "the results expect defect `{id}` in checks {shows_as:?}, which no flavor \
+                     file declares: read them with the p2prig version that wrote them"
+                )
+            })
+    }
+
     /// What `scenario` is expected to do on `target`: pass unless a flavor file says otherwise.
     pub fn expect(&self, scenario: &str, target: Target) -> Expect {
         self.failures

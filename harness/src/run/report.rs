@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::run::checks::CheckId;
 
@@ -13,12 +13,12 @@ use crate::run::checks::CheckId;
 use crate::run::expectations::ExpectedFailure;
 use crate::scenarios::{Expect, Verdict};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub name: CheckId,
     pub passed: bool,
     pub detail: String,
-    #[serde(serialize_with = "secs")]
+    #[serde(serialize_with = "secs", deserialize_with = "from_secs")]
     pub duration: Duration,
 }
 
@@ -57,7 +57,7 @@ impl Suite {
 }
 
 /// One scenario on one kernel.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub scenario: String,
     pub flavor: String,
@@ -68,7 +68,7 @@ pub struct ScenarioResult {
     /// Why it was skipped, or what failed (first failed check).
     pub note: String,
     pub checks: Vec<Check>,
-    #[serde(serialize_with = "secs")]
+    #[serde(serialize_with = "secs", deserialize_with = "from_secs")]
     pub duration: Duration,
     /// CLOCK_MONOTONIC bounds of the scenario, the clock of device events and RPC transcripts.
     pub start_ns: u64,
@@ -105,19 +105,31 @@ impl ScenarioResult {
 }
 
 /// A boot of the rig.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Boot {
     pub flavor: String,
     pub accel: String,
     pub ok: bool,
-    #[serde(serialize_with = "secs")]
+    #[serde(serialize_with = "secs", deserialize_with = "from_secs")]
     pub to_agent_ready: Duration,
     pub run_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// `run --shard K/N`: which part of a run's plan this one ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardOf {
+    /// 1-based.
+    pub index: u32,
+    pub count: u32,
+    /// Every kernel of the whole plan in boot order, so merged shards keep the order of one run.
+    pub kernels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub strict: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardOf>,
     /// The seed of the randomised scenarios (release-races); `--seed` replays it.
     pub seed: u64,
     pub boots: Vec<Boot>,
@@ -154,7 +166,24 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, 
     s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
+fn from_secs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let secs = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+}
+
 impl RunReport {
+    /// A run's results.json, read back (`p2prig report`, `p2prig merge`).
+    pub fn read_json(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a p2prig results.json this version can read",
+                path.display()
+            )
+        })
+    }
+
     pub fn all_match(&self) -> bool {
         self.results.iter().all(|r| r.verdict.is_ok())
     }
@@ -350,6 +379,7 @@ pub(crate) mod tests {
     pub(crate) fn report() -> RunReport {
         RunReport {
             strict: false,
+            shard: None,
             seed: 1,
             boots: Vec::new(),
             results: vec![
@@ -423,6 +453,36 @@ pub(crate) mod tests {
              \"shows_as\":[\"write-in-window-gets-remote-access-error\"]}"
         ));
         assert!(text.contains("\"verdict\":\"expected_fail\""));
+        Ok(())
+    }
+
+    #[test]
+    fn results_json_reads_back_with_the_same_outcomes() -> Result<()> {
+        let real = crate::run::expectations::get()?.expect(
+            "revoke-on-flr",
+            crate::scenarios::Target {
+                flavor: "v1",
+                debug: false,
+            },
+        );
+        assert!(matches!(real, Expect::Fail(_)), "v1 is expected to fail revoke-on-flr");
+        let mut written = report();
+        written.results[1].expect = real;
+        written.results[1].checks.push(Check {
+            name: SHOWN,
+            passed: false,
+            detail: "success".into(),
+            duration: Duration::from_millis(1250),
+        });
+        let text = serde_json::to_string(&written)?;
+        let read: RunReport = serde_json::from_str(&text)?;
+        assert_eq!(serde_json::to_string(&read)?, text);
+        assert_eq!(read.results[1].expect, real);
+        assert_eq!(read.results[1].checks[0].duration, Duration::from_millis(1250));
+
+        let unknown_check = text.replace(SHOWN.as_str(), "no-such-check");
+        let err = serde_json::from_str::<RunReport>(&unknown_check).expect_err("unknown check");
+        assert!(err.to_string().contains("unknown check `no-such-check`"), "{err}");
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use crate::rig::console;
 use crate::rig::process;
 use crate::rig::{Rig, RigConfig, RunDir};
 use crate::run::checks::{self, CheckId};
-use crate::run::report::{Boot, RunReport, ScenarioResult, Suite};
+use crate::run::report::{Boot, RunReport, ScenarioResult, ShardOf, Suite};
 use crate::scenarios::{self, Scenario, ScenarioEnv, Target, Verdict};
 
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub struct RunPlan {
     /// Each kernel with the scenarios to run on it, booted in this order.
     pub boots: Vec<(KernelChoice, Vec<&'static Scenario>)>,
     pub strict: bool,
+    /// Set when `boots` is one shard of a larger plan.
+    pub shard: Option<ShardOf>,
     /// Seeds the randomised scenarios (release-races).
     pub seed: u64,
     /// Everything but the kernel; filled in per flavor.
@@ -61,9 +63,58 @@ pub fn boots(
     boots
 }
 
+/// `--shard K/N`: shard K (1-based) of N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{text}` is not a shard like 2/3 (K of N, 1 <= K <= N <= 64)");
+        let (k, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u32, u32) =
+            (k.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+        if index == 0 || index > count || count > 64 {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+/// The part of `boots` that shard `shard` runs: the (kernel, scenario) pairs of the whole plan,
+/// numbered in run order, dealt round-robin (pair i to shard i mod N + 1), so every shard
+/// gets a share of every kernel and the same plan always splits the same way. Kernels left
+/// with no scenario are not booted.
+pub fn shard(
+    boots: &[(KernelChoice, Vec<&'static Scenario>)],
+    shard: Shard,
+) -> Vec<(KernelChoice, Vec<&'static Scenario>)> {
+    let mut pair = 0u32;
+    boots
+        .iter()
+        .filter_map(|(kernel, scenarios)| {
+            let mine: Vec<_> = scenarios
+                .iter()
+                .copied()
+                .filter(|_| {
+                    let take = pair % shard.count == shard.index - 1;
+                    pair += 1;
+                    take
+                })
+                .collect();
+            (!mine.is_empty()).then(|| (kernel.clone(), mine))
+        })
+        .collect()
+}
+
 pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
     let mut report = RunReport {
         strict: plan.strict,
+        shard: plan.shard.clone(),
         seed: plan.seed,
         boots: Vec::new(),
         results: Vec::new(),
@@ -301,5 +352,37 @@ mod tests {
             ["v1:debug: map-leak"]
         );
         Ok(())
+    }
+
+    #[test]
+    fn shards_deal_every_pair_once_and_the_same_way_each_time() -> Result<()> {
+        let kernels: Vec<KernelChoice> = vec!["v1".parse()?, "v1-fixed".parse()?];
+        let scenarios = crate::scenarios::select("smoke,p2p-doorbell,map-leak")?;
+        let plan = boots(&kernels, &scenarios, true);
+        let of = |k| names(&shard(&plan, Shard { index: k, count: 3 }));
+        // Pairs in run order: v1 smoke, v1 p2p-doorbell, v1-fixed smoke, v1-fixed
+        // p2p-doorbell, v1:debug map-leak, v1-fixed:debug map-leak.
+        assert_eq!(of(1), ["v1:tiny: smoke", "v1-fixed:tiny: p2p-doorbell"]);
+        assert_eq!(of(2), ["v1:tiny: p2p-doorbell", "v1:debug: map-leak"]);
+        assert_eq!(of(3), ["v1-fixed:tiny: smoke", "v1-fixed:debug: map-leak"]);
+        assert_eq!(of(2), of(2));
+        let all: usize = (1..=3)
+            .map(|k| {
+                shard(&plan, Shard { index: k, count: 3 })
+                    .iter()
+                    .map(|(_, s)| s.len())
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(all, 6);
+        Ok(())
+    }
+
+    #[test]
+    fn a_shard_is_k_of_n() {
+        assert_eq!("2/3".parse(), Ok(Shard { index: 2, count: 3 }));
+        for bad in ["0/3", "4/3", "3", "a/b", "1/65"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
     }
 }

@@ -212,7 +212,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// How one scenario ran on one kernel, judged against its expectation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Expected to pass and passed.
