@@ -151,8 +151,9 @@ struct RunArgs {
     /// one it used (default: a fresh one per run).
     #[arg(long, value_parser = parse_seed)]
     seed: Option<u64>,
-    /// Run only shard K of N of the scenario x kernel pairs (dealt round-robin, the same way
-    /// every time); `p2prig merge` joins the shards' results. Give every shard the same --seed.
+    /// Run only shard K of N of the scenario x kernel pairs (contiguous runs of the plan, cut
+    /// the same way every time); `p2prig merge` joins the shards' results. Give every shard the
+    /// same --seed.
     #[arg(long, value_name = "K/N")]
     shard: Option<runner::Shard>,
 }

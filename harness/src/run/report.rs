@@ -465,7 +465,10 @@ pub(crate) mod tests {
                 debug: false,
             },
         );
-        assert!(matches!(real, Expect::Fail(_)), "v1 is expected to fail revoke-on-flr");
+        assert!(
+            matches!(real, Expect::Fail(_)),
+            "v1 is expected to fail revoke-on-flr"
+        );
         let mut written = report();
         written.results[1].expect = real;
         written.results[1].checks.push(Check {
@@ -478,11 +481,17 @@ pub(crate) mod tests {
         let read: RunReport = serde_json::from_str(&text)?;
         assert_eq!(serde_json::to_string(&read)?, text);
         assert_eq!(read.results[1].expect, real);
-        assert_eq!(read.results[1].checks[0].duration, Duration::from_millis(1250));
+        assert_eq!(
+            read.results[1].checks[0].duration,
+            Duration::from_millis(1250)
+        );
 
         let unknown_check = text.replace(SHOWN.as_str(), "no-such-check");
         let err = serde_json::from_str::<RunReport>(&unknown_check).expect_err("unknown check");
-        assert!(err.to_string().contains("unknown check `no-such-check`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown check `no-such-check`"),
+            "{err}"
+        );
         Ok(())
     }
 }
