@@ -1,16 +1,17 @@
 //! `nvme-cmb`: serves the NVMe-CMB PCI function over vfio-user until SIGTERM/SIGINT.
 
-use std::fs::OpenOptions;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use device_support::{create_private_file, ExitSignals};
 use nvme_cmb::cmb::{MAX_CMB_SIZE, MIN_CMB_SIZE};
 use nvme_cmb::control::ControlSocket;
 use nvme_cmb::nvme_regs::MAX_QUEUE_PAIRS;
-use nvme_cmb::server::Endpoint;
+use nvme_cmb::server::{bind_unix, Endpoint};
 use nvme_cmb::{CmbMode, Device, DeviceSettings, EventLog};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -31,7 +32,8 @@ enum CmbModeArg {
 #[derive(Debug, Parser)]
 #[command(name = "nvme-cmb", version)]
 struct Cli {
-    /// Path of the vfio-user socket to listen on (a stale socket there is replaced).
+    /// Path of the vfio-user socket to listen on, mode 0600 (a stale socket there is
+    /// replaced; one another instance serves is refused, and so is any other file).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
 
@@ -40,8 +42,8 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     control: PathBuf,
 
-    /// Trace file, truncated at start; every event is appended as one JSON line the
-    /// moment it is recorded.
+    /// Trace file, mode 0600, truncated at start (after both sockets are bound; a symlink or
+    /// FIFO is refused); every event is appended as one JSON line the moment it is recorded.
     #[arg(long, value_name = "PATH")]
     trace: PathBuf,
 
@@ -97,34 +99,12 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) and returns
-/// the set, for a dedicated thread to sigwait on.
-fn block_exit_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write to it and
-    // to this thread's signal mask.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        bail!("blocking SIGTERM/SIGINT failed (error {rc})");
-    }
-    Ok(set)
-}
-
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    let signals = block_exit_signals()?;
-
-    let trace = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&cli.trace)
+/// Opens (truncates) the trace, builds the device and serves it on `listener`.
+fn start_device(
+    cli: &Cli,
+    listener: UnixListener,
+) -> Result<(Arc<Device>, Endpoint, Arc<EventLog>)> {
+    let trace = create_private_file(&cli.trace, true)
         .with_context(|| format!("opening the trace file {}", cli.trace.display()))?;
     let log = Arc::new(EventLog::new(cli.event_ring, Some(trace)));
     let settings = DeviceSettings {
@@ -138,9 +118,27 @@ fn main() -> Result<()> {
         ready_delay_ms: cli.rdy_delay_ms,
     };
     let device = Device::new(settings, Arc::clone(&log)).context("creating the CMB")?;
+    let endpoint = Endpoint::from_listener(listener, &cli.socket, &device)
+        .context("creating the vfio-user socket")?;
+    Ok((device, endpoint, log))
+}
 
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let signals = ExitSignals::block()?;
+
+    // Sockets first: a second instance started on a running one's paths must fail here,
+    // before it truncates that instance's trace.
     let control = ControlSocket::bind(&cli.control).context("creating the control socket")?;
-    let endpoint = Endpoint::bind(&cli.socket, &device).context("creating the vfio-user socket")?;
+    let listener = bind_unix(&cli.socket).context("creating the vfio-user socket")?;
+    let (device, endpoint, log) = match start_device(&cli, listener) {
+        Ok(started) => started,
+        Err(e) => {
+            // The control socket's Drop removes its file; the bare listener has none.
+            let _ = std::fs::remove_file(&cli.socket);
+            return Err(e);
+        }
+    };
     let sockets = [cli.control.clone(), cli.socket.clone()];
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -167,12 +165,7 @@ fn main() -> Result<()> {
         cli.trace.display()
     );
 
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `signals` is an initialised set and `signal` a valid out pointer.
-    let rc = unsafe { libc::sigwait(&signals, &mut signal) };
-    if rc != 0 {
-        bail!("waiting for SIGTERM/SIGINT failed (error {rc})");
-    }
+    let signal = signals.wait()?;
     for path in &sockets {
         let _ = std::fs::remove_file(path);
     }

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +24,9 @@ use crate::device::{CmbMode, Device, ResetCause, NUM_REGIONS, REGION_CMB};
 /// Why the vfio-user endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("{0} exists and is not a stale socket; remove it or pick another path")]
-    PathInUse(PathBuf),
+    /// A live socket (another instance), a non-socket file, or a failed bind.
+    #[error(transparent)]
+    Socket(#[from] device_support::SocketError),
     #[error("binding {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -170,38 +171,26 @@ impl std::fmt::Debug for ServerHandle {
     }
 }
 
-/// Removes `path` if it is a socket nobody listens on any more.
-fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    let stale = meta.file_type().is_socket()
-        && UnixStream::connect(path)
-            .err()
-            .is_some_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
-    if !stale {
-        return Err(ServerError::PathInUse(path.to_path_buf()));
-    }
-    std::fs::remove_file(path).map_err(|source| ServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Binds a unix listener at `path`, replacing a stale socket left by a killed process.
+/// Binds a unix listener at `path`, mode 0600, replacing a stale socket left by a killed
+/// process; a socket another instance serves, or any other file, is refused (see
+/// [`device_support::bind_private_socket`]).
 pub fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
-    remove_stale_socket(path)?;
-    UnixListener::bind(path).map_err(|source| ServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(device_support::bind_private_socket(path)?)
 }
 
 impl Endpoint {
     /// Listens on `path` for the device.
     pub fn bind(path: &Path, device: &Device) -> Result<Self, ServerError> {
-        let listener = bind_unix(path)?;
+        Self::from_listener(bind_unix(path)?, path, device)
+    }
+
+    /// Serves the device on `listener`, already bound at `path` (with [`bind_unix`]): a
+    /// caller may bind before the device exists, to check the path is free first.
+    pub fn from_listener(
+        listener: UnixListener,
+        path: &Path,
+        device: &Device,
+    ) -> Result<Self, ServerError> {
         let watch = listener
             .as_fd()
             .try_clone_to_owned()

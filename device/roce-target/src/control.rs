@@ -3,7 +3,6 @@
 //! ends the connection, let alone the process.
 
 use std::io::{self, BufReader};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,7 +41,10 @@ fn invalid(message: impl Into<String>) -> ErrorReply {
 fn engine_error(error: EngineError) -> ErrorReply {
     let errno = match &error {
         EngineError::NoSuchQp(_) | EngineError::Memory(MemoryError::NoSuchKey(_)) => libc::ENOENT,
-        EngineError::Memory(MemoryError::TooLarge(_)) => libc::ENOMEM,
+        // ENOMEM as ibv_post_send answers for a full send queue.
+        EngineError::Memory(MemoryError::TooLarge(_)) | EngineError::SendQueueFull { .. } => {
+            libc::ENOMEM
+        }
         EngineError::NoQpNumbers | EngineError::Memory(MemoryError::KeysExhausted) => libc::ENOSPC,
         EngineError::Pcap(_) => libc::EIO,
         _ => libc::EINVAL,
@@ -273,19 +275,11 @@ pub fn serve_connection(stream: UnixStream, context: &ControlContext) {
     );
 }
 
-/// Binds a Unix socket at `path`, replacing a stale socket (never another kind of file).
+/// Binds a Unix socket at `path`, mode 0600: a stale socket is replaced, a live one (another
+/// instance serving it) or any other kind of file is refused (see
+/// [`device_support::bind_private_socket`]).
 pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-    }
-    UnixListener::bind(path)
+    Ok(device_support::bind_private_socket(path)?)
 }
 
 /// The listening control socket.

@@ -3,13 +3,14 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
+use device_support::ExitSignals;
 use roce_target::backend::{
     lock_engine, GuestLink, GuestQueue, NetBackend, SharedEngine, FRAMES_WAITING_EVENT, NUM_QUEUES,
 };
@@ -33,7 +34,8 @@ use vmm_sys_util::epoll::EventSet;
 #[derive(Debug, Parser)]
 #[command(name = "roce-target", version)]
 struct Cli {
-    /// Path of the vhost-user socket to listen on (a stale socket there is replaced).
+    /// Path of the vhost-user socket to listen on, mode 0600 (a stale socket there is
+    /// replaced; one another instance serves is refused, and so is any other file).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
 
@@ -61,25 +63,6 @@ struct Cli {
 
 fn mac_arg(text: &str) -> Result<[u8; 6], String> {
     parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC like 52:54:00:00:00:02"))
-}
-
-/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) and returns
-/// the set, for the main thread to sigwait on.
-fn block_exit_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write to it and
-    // to this thread's signal mask.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        bail!("blocking SIGTERM/SIGINT failed (error {rc})");
-    }
-    Ok(set)
 }
 
 /// Serves QEMU connections one after another, for ever: a guest reboot or a QEMU restart
@@ -132,9 +115,23 @@ fn serve_vhost_user(
     }
 }
 
+/// Creates the pcap directory and starts the `--pcap` capture, when asked for.
+fn start_capture(cli: &Cli, engine: &SharedEngine) -> Result<()> {
+    if let Some(dir) = &cli.pcap_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the pcap directory {}", dir.display()))?;
+        if let Some(name) = &cli.pcap {
+            lock_engine(engine)
+                .pcap_start(dir, Some(name))
+                .with_context(|| format!("starting the capture {name}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let signals = block_exit_signals()?;
+    let signals = ExitSignals::block()?;
 
     let queue = Arc::new(GuestQueue::new().context("creating the frame eventfd")?);
     let config = EngineConfig {
@@ -145,15 +142,6 @@ fn main() -> Result<()> {
         config,
         Box::new(GuestLink(Arc::clone(&queue))),
     )));
-    if let Some(dir) = &cli.pcap_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the pcap directory {}", dir.display()))?;
-        if let Some(name) = &cli.pcap {
-            lock_engine(&engine)
-                .pcap_start(dir, Some(name))
-                .with_context(|| format!("starting the capture {name}"))?;
-        }
-    }
     let connections = Arc::new(AtomicU64::new(0));
     let context = ControlContext {
         engine: Arc::clone(&engine),
@@ -167,12 +155,29 @@ fn main() -> Result<()> {
         .to_str()
         .with_context(|| format!("{} is not UTF-8", cli.socket.display()))?;
     // QEMU connects to `socket`, served by the filter in `proxy`; the vhost crate's handler
-    // listens next to it on `<socket>.backend`.
+    // listens next to it on `<socket>.backend`. The socket QEMU sees is bound (and checked
+    // for a running instance) first.
     let backend_socket = format!("{socket}.backend");
-    let backend_listener = Listener::new(&backend_socket, true)
-        .with_context(|| format!("creating the inner vhost-user socket {backend_socket}"))?;
     let front = bind_unix(&cli.socket)
         .with_context(|| format!("creating the vhost-user socket {socket}"))?;
+    let backend_listener = match bind_unix(Path::new(&backend_socket)) {
+        // From a plain listener the crate's Listener never unlinks the path: the
+        // clean-up below, on SIGTERM, is the one place that removes our sockets.
+        Ok(listener) => Listener::from(listener),
+        Err(e) => {
+            let _ = std::fs::remove_file(&cli.socket);
+            return Err(e)
+                .with_context(|| format!("creating the inner vhost-user socket {backend_socket}"));
+        }
+    };
+    // After the sockets: a second instance started by mistake fails on them before it can
+    // truncate the running instance's capture.
+    if let Err(e) = start_capture(&cli, &engine) {
+        for path in [&cli.socket, &PathBuf::from(&backend_socket)] {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
     let backend = NetBackend::new(Arc::clone(&engine), Arc::clone(&queue), cli.mac);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -229,12 +234,7 @@ fn main() -> Result<()> {
         roce_target::frame::format_mac(cli.mac)
     );
 
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `signals` is an initialised set and `signal` a valid out pointer.
-    let rc = unsafe { libc::sigwait(&signals, &mut signal) };
-    if rc != 0 {
-        bail!("waiting for SIGTERM/SIGINT failed (error {rc})");
-    }
+    let signal = signals.wait()?;
     stop.store(true, Ordering::Relaxed);
     let _ = lock_engine(&engine).pcap_stop();
     for path in [&cli.control, &cli.socket, &PathBuf::from(&backend_socket)] {

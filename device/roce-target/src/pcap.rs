@@ -19,9 +19,11 @@ pub struct PcapWriter {
 }
 
 impl PcapWriter {
-    /// Creates (truncates) `path` and writes the global header.
+    /// Creates (truncates) `path`, mode 0600, and writes the global header. A symlink, FIFO
+    /// or other non-regular file at `path` is refused (see
+    /// [`device_support::create_private_file`]).
     pub fn create(path: &Path) -> io::Result<Self> {
-        let mut out = BufWriter::new(File::create(path)?);
+        let mut out = BufWriter::new(device_support::create_private_file(path, true)?);
         let mut header = Vec::with_capacity(24);
         header.extend_from_slice(&MAGIC_MICROSECONDS.to_le_bytes());
         header.extend_from_slice(&2u16.to_le_bytes()); // version 2.4

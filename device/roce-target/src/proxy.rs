@@ -9,8 +9,12 @@
 //! of a connection, SET_VRING_ENABLE is answered here, and the last state asked for each
 //! ring is replayed to the crate right after that SET_FEATURES (QEMU 10 does not send it
 //! again when the device starts; seen with ROCE_TARGET_TRACE_VHOST=1). Every other
-//! message, with its file descriptors, is passed through unchanged.
+//! message, with its file descriptors, is passed through unchanged, except a memory table
+//! (SET_MEM_TABLE, ADD_MEM_REG) with a region reaching past the end of its fd: the crate
+//! would map it, and the first access past the end (SET_VRING_ADDR reads the used ring)
+//! would kill the process with SIGBUS. Such a table ends the connection instead.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,6 +33,62 @@ const MAX_PAYLOAD: usize = 64 << 10;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// One region of SET_MEM_TABLE or ADD_MEM_REG (vhost-user spec, "Memory region
+/// description"): guest address, size, front-end address, offset into the fd; u64 each.
+const REGION_LEN: usize = 32;
+
+/// Refuses a memory table whose regions do not fit inside their fds: each region maps
+/// `memory_size` bytes from `mmap_offset` of its fd, and a shared mapping past the end of
+/// the file faults (SIGBUS) on first touch.
+fn check_memory_table(request: u32, payload: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let (name, regions) = if request == FrontendReq::SET_MEM_TABLE as u32 {
+        // u32 nregions, u32 padding, then the regions.
+        let count = payload
+            .get(..4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let regions = payload.get(8..).unwrap_or_default();
+        (
+            "SET_MEM_TABLE",
+            regions.chunks_exact(REGION_LEN).take(count),
+        )
+    } else if request == FrontendReq::ADD_MEM_REG as u32 {
+        // u64 padding, then one region.
+        let region = payload.get(8..8 + REGION_LEN).unwrap_or_default();
+        ("ADD_MEM_REG", region.chunks_exact(REGION_LEN).take(1))
+    } else {
+        return Ok(());
+    };
+    let refuse = |message: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("vhost-user {name}: {message}; refusing it and closing the connection"),
+        )
+    };
+    // Too few fds or a short payload are the crate's to refuse; only what it would map is
+    // checked here.
+    for (index, (region, fd)) in regions.zip(fds).enumerate() {
+        let word = |i: usize| u64::from_le_bytes(region[i..i + 8].try_into().unwrap_or_default());
+        let (guest, size, offset) = (word(0), word(8), word(24));
+        let meta = File::from(fd.try_clone()?).metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(refuse(format!(
+                "region {index}'s fd is not a regular file or memfd"
+            )));
+        }
+        let fits = size
+            .checked_add(offset)
+            .is_some_and(|end| end <= meta.len());
+        if !fits {
+            return Err(refuse(format!(
+                "region {index} (guest {guest:#x}, {size} bytes from fd offset {offset}) reaches \
+                 past the end of its fd ({} bytes)",
+                meta.len()
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// What a filtered connection did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,6 +188,7 @@ fn forward_requests(
                 fds.len()
             );
         }
+        check_memory_table(request, &message[HEADER_LEN..], &fds)?;
         if request == FrontendReq::SET_FEATURES as u32 {
             features_set = true;
         }
@@ -227,6 +288,73 @@ mod tests {
                 replayed: 1
             }
         );
+    }
+
+    fn memfd(size: u64) -> OwnedFd {
+        // SAFETY: the name is a NUL-terminated literal; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        File::from(fd.try_clone().expect("dup"))
+            .set_len(size)
+            .expect("size");
+        fd
+    }
+
+    fn mem_table(regions: &[(u64, u64)]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        for (size, offset) in regions {
+            for value in [0, *size, 0x7f00_0000_0000, *offset] {
+                payload.extend_from_slice(&u64::to_le_bytes(value));
+            }
+        }
+        payload
+    }
+
+    #[test]
+    fn memory_regions_must_fit_inside_their_fds() {
+        let ram = [memfd(1 << 20)];
+        let set = FrontendReq::SET_MEM_TABLE as u32;
+        let add = FrontendReq::ADD_MEM_REG as u32;
+        for fitting in [(1 << 20, 0), (4096, (1 << 20) - 4096)] {
+            check_memory_table(set, &mem_table(&[fitting]), &ram).expect("fits");
+        }
+        for (size, offset) in [(1 << 40, 0), (4096, 1 << 20), (u64::MAX, 4096)] {
+            let error = check_memory_table(set, &mem_table(&[(size, offset)]), &ram)
+                .expect_err("past the end");
+            assert!(error.to_string().contains("past the end"), "{error}");
+        }
+        let mut single = 0u64.to_le_bytes().to_vec();
+        single.extend_from_slice(&mem_table(&[(1 << 40, 0)])[8..]);
+        assert!(check_memory_table(add, &single, &ram).is_err());
+        // A socket has no size to map.
+        let (read_end, _write_end) = UnixStream::pair().expect("pair");
+        let error = check_memory_table(set, &mem_table(&[(4096, 0)]), &[read_end.into()])
+            .expect_err("not a file");
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+    }
+
+    #[test]
+    fn an_oversized_memory_table_ends_the_connection_before_the_handler_sees_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("backend.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let (qemu, ours) = UnixStream::pair().expect("pair");
+        let filter = std::thread::spawn(move || filter_connection(ours, &path, 2));
+        let (mut backend, _) = listener.accept().expect("accept");
+        let ram = memfd(1 << 20);
+        let table = message(5, 1, &mem_table(&[(1 << 40, 0)]));
+        qemu.send_with_fds(&[&table[..]], &[ram.as_raw_fd()])
+            .expect("send");
+        // Closed at once: without the check the table is relayed and the filter ends Ok.
+        drop(qemu);
+        assert!(filter.join().expect("join").is_err());
+        let mut forwarded = Vec::new();
+        backend.read_to_end(&mut forwarded).expect("read");
+        assert!(forwarded.is_empty(), "nothing reached the handler");
     }
 
     #[test]

@@ -706,3 +706,40 @@ fn arp_requests_for_the_target_are_answered_and_unicast_probes_too() {
     p.a.receive(&other, p.now);
     assert!(p.a_out.lock().expect("lock").is_empty());
 }
+
+#[test]
+fn a_write_holds_its_bytes_against_the_send_queue_limit_until_acknowledged() {
+    use roce_target::engine::{EngineError, MAX_POSTED_BYTES, MAX_QUEUED_BYTES};
+    let mut p = Pair::new(QpSettings {
+        path_mtu: Some(4096),
+        ..Default::default()
+    });
+    let len = 1u32 << 20;
+    let (src, _) = Pair::mr(&mut p.a, u64::from(MAX_POSTED_BYTES) + 1, 0x5A);
+    let (dst, va) = Pair::mr(&mut p.b, u64::from(len), 0);
+    let sge = |length| Sge {
+        key: src,
+        offset: 0,
+        length,
+    };
+    let remote = RemoteBuffer { va, rkey: dst };
+    let too_large =
+        p.a.post_write(p.a_qpn, 1, sge(MAX_POSTED_BYTES + 1), remote, None, p.now);
+    assert_eq!(
+        too_large,
+        Err(EngineError::PostTooLarge(MAX_POSTED_BYTES + 1))
+    );
+    p.a.post_write(p.a_qpn, 2, sge(len), remote, None, p.now)
+        .expect("post");
+    assert_eq!(p.a.queued_bytes(), u64::from(len));
+    assert!(
+        MAX_QUEUED_BYTES >= 16 * u64::from(len),
+        "the bench's writes fit"
+    );
+    p.run(|_, _| true);
+    let done = p.a.poll_cq(None, 4);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].status, CompletionStatus::Success);
+    assert_eq!(p.a.queued_bytes(), 0, "the ACK gave the bytes back");
+    assert_eq!(p.b.mr_read(dst, 0, 8).expect("read"), vec![0x5A; 8]);
+}

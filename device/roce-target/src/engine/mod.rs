@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etherparse::ArpOperation;
@@ -47,6 +49,14 @@ const ACK_REQ_EVERY: u32 = 64;
 /// Largest message one work request may carry (IBTA 9.7.2 allows 2^31; 1 GiB keeps any
 /// message inside half the PSN space at a 256-byte MTU).
 pub const MAX_MESSAGE_BYTES: u32 = 1 << 30;
+/// Largest WRITE or SEND the target posts. Its bytes are copied at post time (a
+/// [`qp::Snapshot`]), so this bounds what one request costs in memory: 16 times the largest
+/// the harness posts (its bench's 1 MiB WRITE into ordinary memory).
+pub const MAX_POSTED_BYTES: u32 = 16 << 20;
+/// WRITE and SEND bytes all QPs together hold until their requests complete (or are flushed).
+/// A post past it is refused, as ibv_post_send refuses one on a full send queue, until
+/// completions make room: four requests of the largest size, 64 of the bench's.
+pub const MAX_QUEUED_BYTES: u64 = 64 << 20;
 /// Completions kept until polled.
 pub const MAX_COMPLETIONS: usize = 65_536;
 /// READ requests remembered for duplicate replay (IBTA 9.7.5.1.6 wants as many as
@@ -79,6 +89,22 @@ pub enum EngineError {
     BadMac(String),
     #[error("message of {0} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")]
     MessageTooLong(u32),
+    #[error(
+        "a {0}-byte WRITE or SEND is over the {MAX_POSTED_BYTES}-byte limit of one posted request"
+    )]
+    PostTooLarge(u32),
+    #[error(
+        "send queues full: {queued} bytes of WRITE/SEND data are waiting for completion and \
+         {length} more would pass the {MAX_QUEUED_BYTES}-byte limit; poll completions or \
+         destroy a QP first"
+    )]
+    SendQueueFull { queued: u64, length: u32 },
+    #[error("{field} {value} is out of range: {range}")]
+    OutOfRange {
+        field: &'static str,
+        value: u32,
+        range: &'static str,
+    },
     #[error("all QP numbers are in use")]
     NoQpNumbers,
     #[error("{0}")]
@@ -126,6 +152,8 @@ struct Shared {
     wire: Wire,
     cq: CompletionQueue,
     mrs: MemoryRegions,
+    /// WRITE/SEND bytes held by posted requests, kept by their [`qp::Snapshot`]s.
+    queued: Arc<AtomicU64>,
 }
 
 fn random_u32() -> u32 {
@@ -148,6 +176,7 @@ impl Engine {
                 wire: Wire::new(config, link),
                 cq: CompletionQueue::default(),
                 mrs: MemoryRegions::default(),
+                queued: Arc::default(),
             },
             pcap_seq: 0,
         }
@@ -242,7 +271,11 @@ impl Engine {
             }
         }
         let qpn = qpn.ok_or(EngineError::NoQpNumbers)?;
-        let qp = Qp::new(qpn, settings, settings.psn.unwrap_or_else(random_u32))?;
+        let psn = match settings.psn {
+            Some(psn) => check_psn(psn)?,
+            None => random_u32() & PSN_MASK,
+        };
+        let qp = Qp::new(qpn, settings, psn)?;
         let endpoint = self.endpoint(&qp);
         self.qps.insert(qpn, qp);
         Ok(endpoint)
@@ -289,6 +322,10 @@ impl Engine {
 
     /// Flushes every outstanding request and returns the QP to INIT with a new PSN.
     pub fn reset_qp(&mut self, qpn: u32, psn: Option<u32>) -> Result<QpEndpoint, EngineError> {
+        let psn = match psn {
+            Some(psn) => check_psn(psn)?,
+            None => random_u32() & PSN_MASK,
+        };
         let qp = self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
         qp.flush(&mut self.shared);
         let settings = QpSettings {
@@ -300,7 +337,7 @@ impl Engine {
             min_rnr_timer: Some(qp.min_rnr_timer),
             max_rd_atomic: Some(qp.max_rd_atomic),
         };
-        *qp = Qp::new(qpn, &settings, psn.unwrap_or_else(random_u32))?;
+        *qp = Qp::new(qpn, &settings, psn)?;
         let endpoint = self.endpoint(&self.qps[&qpn]);
         Ok(endpoint)
     }
@@ -381,15 +418,29 @@ impl Engine {
             .check_local(local.key, local.offset, length, access)?)
     }
 
-    fn snapshot(&self, local: Sge) -> Result<Vec<u8>, EngineError> {
-        if local.length > MAX_MESSAGE_BYTES {
-            return Err(EngineError::MessageTooLong(local.length));
+    /// Copies a WRITE's or SEND's bytes, within [`MAX_POSTED_BYTES`] and the room left
+    /// under [`MAX_QUEUED_BYTES`].
+    fn snapshot(&self, local: Sge) -> Result<Snapshot, EngineError> {
+        if local.length > MAX_POSTED_BYTES {
+            return Err(EngineError::PostTooLarge(local.length));
         }
-        Ok(self
+        let queued = self.queued_bytes();
+        if queued + u64::from(local.length) > MAX_QUEUED_BYTES {
+            return Err(EngineError::SendQueueFull {
+                queued,
+                length: local.length,
+            });
+        }
+        let bytes = self
             .shared
             .mrs
-            .slice(local.key, local.offset, u64::from(local.length))?
-            .to_vec())
+            .slice(local.key, local.offset, u64::from(local.length))?;
+        Ok(Snapshot::new(bytes.to_vec(), &self.shared.queued))
+    }
+
+    /// WRITE/SEND bytes that posted requests hold until they complete.
+    pub fn queued_bytes(&self) -> u64 {
+        self.shared.queued.load(Ordering::Relaxed)
     }
 
     fn post(
@@ -463,8 +514,8 @@ impl Engine {
             None => format!("capture-{}.pcap", self.pcap_seq),
         };
         let path = dir.join(name);
-        let writer = PcapWriter::create(&path)
-            .map_err(|e| EngineError::Pcap(format!("creating {}: {e}", path.display())))?;
+        // The error names the path (and says why a symlink or FIFO is refused).
+        let writer = PcapWriter::create(&path).map_err(|e| EngineError::Pcap(e.to_string()))?;
         self.shared.wire.pcap = Some(writer);
         Ok(path.display().to_string())
     }
@@ -578,6 +629,18 @@ impl Engine {
     }
 }
 
+/// A PSN given by the caller: 24 bits (IBTA 9.2; BTH carries 24).
+fn check_psn(psn: u32) -> Result<u32, EngineError> {
+    if psn > PSN_MASK {
+        return Err(EngineError::OutOfRange {
+            field: "psn",
+            value: psn,
+            range: "a PSN is 24 bits, 0 to 16777215",
+        });
+    }
+    Ok(psn)
+}
+
 /// Pieces for the unit tests of the engine's parts: a `Shared` whose link keeps its frames,
 /// and a QP connected to a peer it already knows the MAC of.
 #[cfg(test)]
@@ -615,6 +678,7 @@ mod test_support {
             wire,
             cq: CompletionQueue::default(),
             mrs: MemoryRegions::default(),
+            queued: Arc::default(),
         };
         (shared, link)
     }
@@ -639,7 +703,7 @@ mod test_support {
             op: WqeOp::Message {
                 write: None,
                 imm: None,
-                data: vec![0xA5; len],
+                data: Snapshot::from(vec![0xA5; len]),
             },
             length: len as u32,
             first_psn: qp.next_psn,

@@ -3,6 +3,9 @@
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2prig_protocol::target::{
@@ -61,6 +64,55 @@ pub(super) struct SendWqe {
     pub(super) read_done: u32,
 }
 
+/// The bytes of a posted WRITE or SEND, copied at post time and counted in the engine's
+/// queued bytes (see [`MAX_QUEUED_BYTES`]) for as long as they exist: whichever way the WQE
+/// goes (acknowledged, failed, flushed, its QP reset or destroyed), dropping it gives the
+/// room back.
+#[derive(Debug)]
+pub(super) struct Snapshot {
+    bytes: Vec<u8>,
+    queued: Arc<AtomicU64>,
+}
+
+impl Snapshot {
+    pub(super) fn new(bytes: Vec<u8>, queued: &Arc<AtomicU64>) -> Self {
+        queued.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Self {
+            bytes,
+            queued: Arc::clone(queued),
+        }
+    }
+}
+
+/// A snapshot counted by a counter of its own (for tests that build WQEs by hand).
+#[cfg(test)]
+impl From<Vec<u8>> for Snapshot {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::new(bytes, &Arc::default())
+    }
+}
+
+impl Deref for Snapshot {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Clone for Snapshot {
+    fn clone(&self) -> Self {
+        Self::new(self.bytes.clone(), &self.queued)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.queued
+            .fetch_sub(self.bytes.len() as u64, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) enum WqeOp {
     /// A SEND, or a WRITE when `write` names where. The data is copied at post time (a
@@ -69,7 +121,7 @@ pub(super) enum WqeOp {
     Message {
         write: Option<RemoteBuffer>,
         imm: Option<u32>,
-        data: Vec<u8>,
+        data: Snapshot,
     },
     Read {
         remote: RemoteBuffer,
@@ -184,6 +236,27 @@ pub(super) struct Remote {
     pub(super) ip: Ipv4Addr,
 }
 
+const RETRY_RANGE: &str = "a retry count is 3 bits, 0 to 7 (7 = retry for ever)";
+/// Largest RNR timer code (5 bits of the AETH syndrome, IBTA 9.7.5.2.8).
+const MAX_RNR_TIMER: u8 = 0x1F;
+
+/// `value` if it is at most `max`, else the error naming the field and its range.
+fn in_range(
+    field: &'static str,
+    value: Option<u8>,
+    max: u8,
+    range: &'static str,
+) -> Result<Option<u8>, EngineError> {
+    match value {
+        Some(value) if value > max => Err(EngineError::OutOfRange {
+            field,
+            value: u32::from(value),
+            range,
+        }),
+        _ => Ok(value),
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Qp {
     pub(super) qpn: u32,
@@ -224,14 +297,33 @@ impl Qp {
             return Err(EngineError::BadPathMtu(pmtu));
         }
         let psn = psn & PSN_MASK;
+        // Refused rather than clamped: retry_cnt 8 clamped to 7 would mean "for ever".
+        let retry_cnt = in_range(
+            "retry_cnt",
+            settings.retry_cnt,
+            INFINITE_RETRIES,
+            RETRY_RANGE,
+        )?;
+        let rnr_retry = in_range(
+            "rnr_retry",
+            settings.rnr_retry,
+            INFINITE_RETRIES,
+            RETRY_RANGE,
+        )?;
+        let min_rnr_timer = in_range(
+            "min_rnr_timer",
+            settings.min_rnr_timer,
+            MAX_RNR_TIMER,
+            "the RNR timer is a 5-bit code, 0 to 31 (IBTA table 45)",
+        )?;
         Ok(Self {
             qpn,
             state: QpStateName::Init,
             pmtu,
             ack_timeout: Duration::from_millis(settings.ack_timeout_ms.unwrap_or(100).max(1)),
-            retries: RetryBudget::new(settings.retry_cnt.unwrap_or(INFINITE_RETRIES)),
-            rnr_retries: RetryBudget::new(settings.rnr_retry.unwrap_or(INFINITE_RETRIES)),
-            min_rnr_timer: settings.min_rnr_timer.unwrap_or(1) & 0x1F,
+            retries: RetryBudget::new(retry_cnt.unwrap_or(INFINITE_RETRIES)),
+            rnr_retries: RetryBudget::new(rnr_retry.unwrap_or(INFINITE_RETRIES)),
+            min_rnr_timer: min_rnr_timer.unwrap_or(1),
             max_rd_atomic: settings.max_rd_atomic.unwrap_or(1).max(1),
             initial_psn: psn,
             // rdma_get_udp_sport-like: 0xC000 plus a per-QP hash (Annex A17.2.3).
@@ -372,6 +464,51 @@ mod tests {
         let mut forever = RetryBudget::new(INFINITE_RETRIES);
         assert!((0..1000).all(|_| forever.take()));
         assert_eq!(RetryBudget::new(200).limit(), INFINITE_RETRIES);
+    }
+
+    #[test]
+    fn out_of_range_retry_counts_and_rnr_timers_are_refused_not_clamped() {
+        for settings in [
+            QpSettings {
+                retry_cnt: Some(8),
+                ..Default::default()
+            },
+            QpSettings {
+                rnr_retry: Some(8),
+                ..Default::default()
+            },
+            QpSettings {
+                min_rnr_timer: Some(32),
+                ..Default::default()
+            },
+        ] {
+            let error = Qp::new(0x11, &settings, 0).expect_err("refused");
+            assert!(
+                matches!(error, EngineError::OutOfRange { .. }),
+                "{settings:?}: {error}"
+            );
+        }
+        let edge = QpSettings {
+            retry_cnt: Some(7),
+            rnr_retry: Some(0),
+            min_rnr_timer: Some(31),
+            ..Default::default()
+        };
+        let qp = Qp::new(0x11, &edge, 0).expect("in range");
+        assert_eq!((qp.retries.limit(), qp.rnr_retries.limit()), (7, 0));
+        assert_eq!(qp.min_rnr_timer, 31);
+    }
+
+    #[test]
+    fn a_snapshot_counts_its_bytes_until_it_and_its_clones_are_dropped() {
+        let queued = Arc::new(AtomicU64::new(0));
+        let snapshot = Snapshot::new(vec![1; 100], &queued);
+        let copy = snapshot.clone();
+        assert_eq!(queued.load(Ordering::Relaxed), 200);
+        drop(snapshot);
+        assert_eq!(&copy[..3], &[1, 1, 1]);
+        drop(copy);
+        assert_eq!(queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -439,7 +439,7 @@ mod tests {
                     rkey: 0x77,
                 }),
                 imm: Some(0xCAFE),
-                data: (0..=255).cycle().take(600).collect(),
+                data: Snapshot::from((0..=255).cycle().take(600).collect::<Vec<u8>>()),
             },
             length: 600,
             first_psn: 0xFFFFFF,
