@@ -21,7 +21,7 @@ export CHROME ?= $(shell command -v chromium || command -v google-chrome || echo
 RESULTS  := target/p2prig
 VM_KERNELS = $(if $(KERNEL_SRC),--kernel-src $(KERNEL_SRC),$(addprefix --kernel ,$(FLAVORS)))
 
-.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit lint report-render-test vm-sigint-test clean-runs
+.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit lint report-render-test vm-sigint-test vm-shell-test clean-runs
 
 all: build
 
@@ -68,11 +68,15 @@ lint: deps
 vm-sigint-test: artifacts
 	$(CARGO) test --release --locked -p p2prig --test vm_sigint -- --ignored --nocapture
 
+# p2prig shell through tmux: operations answer, exit leaves nothing behind (needs the artifacts).
+vm-shell-test: artifacts
+	$(CARGO) test --release --locked -p p2prig --test vm_shell -- --ignored --nocapture
+
 # The HTML report renders in headless Chromium (no VM needed).
 report-render-test: deps
 	$(CARGO) test --locked -p p2prig html_report_renders_in_chromium -- --ignored
 
-test: fmt-check clippy unit lint report-render-test vm-test vm-sigint-test
+test: fmt-check clippy unit lint report-render-test vm-test vm-sigint-test vm-shell-test
 
 clean-runs:
 	rm -rf $(RESULTS)/runs

@@ -22,8 +22,8 @@ packages=(
   bc libelf-dev libssl-dev kmod
   # tshark decodes roce-target's captures (the browser for the render test: see below)
   tshark
-  # make lint: shellcheck, and PyYAML for ci/run-blocks.py
-  shellcheck python3-yaml
+  # make lint: shellcheck, and PyYAML for ci/run-blocks.py; tmux drives the shell's test
+  shellcheck python3-yaml tmux
   # rdma-core for the guest (libibverbs + rxe), and bindgen's libclang for the agent's
   # verbs bindings (libibverbs-dev: their headers before rdma-core is built)
   cmake libnl-3-dev libnl-route-3-dev libudev-dev libclang-dev libibverbs-dev

@@ -13,6 +13,7 @@ mod doctor;
 mod rig;
 mod run;
 mod scenarios;
+mod shell;
 
 use accel::AccelChoice;
 use build::{cache, image, kernel, qemu, rdma_core};
@@ -68,6 +69,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Boot the full rig on one kernel with a prompt that runs the guest agent's operations and
+    /// the devices' controls by name (`help` lists the syntax); `exit` tears it all down.
+    Shell(ShellArgs),
     /// Check every prerequisite (tools, QEMU, KVM, kernel sources, disk space) and print the
     /// command that fixes each missing one; builds nothing. Exit 1 if a run would fail.
     Doctor,
@@ -173,6 +177,22 @@ fn fresh_seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     nanos ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+#[derive(Debug, clap::Args)]
+struct ShellArgs {
+    /// Kernel to boot, as for `run --kernel`.
+    #[arg(long, default_value = "v1-fixed")]
+    kernel: KernelChoice,
+    /// Also start QEMU's gdbstub on a free loopback port (kernel booted with nokaslr) and
+    /// print the gdb command line with the matching vmlinux.
+    #[arg(long)]
+    gdb: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// Seconds the guest gets to boot to a ready agent.
+    #[arg(long, default_value_t = 300)]
+    boot_timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -296,6 +316,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             ExitCode::FAILURE
         }),
         Cmd::Run(args) => run(&cache, args),
+        Cmd::Shell(args) => shell(&cache, args),
         Cmd::Bench(args) => bench(&cache, args),
     }
 }
@@ -367,6 +388,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
             memory_mib: args.memory,
             boot_timeout: Duration::from_secs(args.boot_timeout),
             extra_cmdline: String::new(),
+            gdb_port: None,
         },
     };
     let label = match args.scenario.as_str() {
@@ -453,6 +475,64 @@ fn kernels_of(args: &RunArgs) -> Result<Vec<KernelChoice>> {
     Ok(kernels)
 }
 
+fn shell(cache: &Cache, args: ShellArgs) -> Result<ExitCode> {
+    let qemu = qemu::build(cache)?;
+    let image = image::build(cache)?;
+    let kernel = kernel::resolve(cache, &args.kernel)?;
+    let accel = accel::resolve(args.accel, cache, &qemu.binary, &kernel.bzimage)?;
+    let gdb_port = if args.gdb {
+        // A free port now; QEMU binds it a moment later.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Some(probe.local_addr()?.port())
+    } else {
+        None
+    };
+    let cfg = RigConfig {
+        qemu: qemu.binary,
+        bzimage: kernel.bzimage.clone(),
+        initramfs: Some(image.initramfs),
+        nvme_cmb: paths::workspace_binary("nvme-cmb")?,
+        roce_target: paths::workspace_binary("roce-target")?,
+        accel,
+        memory_mib: 1024,
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+        extra_cmdline: if args.gdb {
+            "nokaslr".into()
+        } else {
+            String::new()
+        },
+        gdb_port,
+    };
+    let top = RunDir::create("shell")?;
+    println!(
+        "booting {} under {} (run directory {}) ...",
+        args.kernel,
+        accel.name(),
+        top.path.display()
+    );
+    let mut rig = rig::Rig::boot(&cfg, &top)?;
+    println!(
+        "rig up in {:.1} s: guest console {}; type `help` for the syntax, `exit` to stop",
+        rig.boot_time.as_secs_f64(),
+        rig.console_path().display()
+    );
+    if let Some(port) = gdb_port {
+        match shell::vmlinux_for(cache, &kernel.bzimage) {
+            Ok(vmlinux) => println!(
+                "gdb: gdb {} -ex 'target remote 127.0.0.1:{port}'",
+                vmlinux.display()
+            ),
+            Err(e) => println!(
+                "gdb: QEMU's gdbstub listens on 127.0.0.1:{port}, but no matching vmlinux: {e:#}"
+            ),
+        }
+    }
+    let served = shell::serve(&mut rig);
+    rig.shutdown()?;
+    served?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
     let qemu = qemu::build(cache)?;
     let image = image::build(cache)?;
@@ -468,6 +548,7 @@ fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
         memory_mib: 1024,
         boot_timeout: Duration::from_secs(300),
         extra_cmdline: String::new(),
+        gdb_port: None,
     };
     let top = RunDir::create("bench")?;
     println!(

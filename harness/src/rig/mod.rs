@@ -51,6 +51,8 @@ pub struct RigConfig {
     pub memory_mib: u32,
     pub boot_timeout: Duration,
     pub extra_cmdline: String,
+    /// QEMU's gdbstub on 127.0.0.1:PORT (`p2prig shell --gdb`).
+    pub gdb_port: Option<u16>,
 }
 
 /// MAC address of the guest's eth0.
@@ -238,6 +240,10 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
     ]);
     if let Some(initrd) = &cfg.initramfs {
         args.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    if let Some(port) = cfg.gdb_port {
+        // Loopback only: the stub gives whoever connects the whole guest.
+        args.extend(["-gdb".into(), format!("tcp:127.0.0.1:{port}")]);
     }
     args
 }
@@ -585,6 +591,7 @@ mod tests {
             memory_mib: 512,
             boot_timeout: Duration::from_secs(1),
             extra_cmdline: String::new(),
+            gdb_port: None,
         }
     }
 
