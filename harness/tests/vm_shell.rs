@@ -23,9 +23,11 @@ impl Tmux {
             .expect("tmux runs (make deps installs it)")
     }
 
+    /// The pane's history and screen, without the screen's empty rows below the cursor (so a
+    /// length taken now marks where the next output starts).
     fn pane(&self) -> String {
         let out = self.cmd(&["capture-pane", "-p", "-J", "-t", "shell", "-S", "-500"]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
     }
 
     fn send_line(&self, line: &str) {
@@ -119,7 +121,7 @@ fn the_shell_runs_operations_and_exit_tears_the_rig_down() {
     ]);
     assert!(started.status.success(), "tmux new-session: {started:?}");
 
-    let pane = tmux.wait_for("p2prig> ", 0, Duration::from_secs(300));
+    let pane = tmux.wait_for("p2prig>", 0, Duration::from_secs(300));
     assert!(pane.contains("rig up in"), "{pane}");
     let run_dir = pane
         .lines()
