@@ -160,6 +160,19 @@ struct RunArgs {
     /// same --seed.
     #[arg(long, value_name = "K/N")]
     shard: Option<runner::Shard>,
+    /// A config fragment merged into your tree's configuration (src: kernels only), after
+    /// p2prig's; every option in it is checked to hold in the final .config. Repeatable.
+    #[arg(long = "config", value_name = "FRAGMENT")]
+    config: Vec<PathBuf>,
+    /// One option for your tree's configuration, CONFIG_X=y|m|n|value (src: kernels only),
+    /// merged last and checked like --config. Repeatable.
+    #[arg(long = "configitem", value_name = "CONFIG_X=y")]
+    config_items: Vec<build::user_config::ConfigItem>,
+    /// A kernel report (WARN, KASAN, lockdep, kmemleak line) matching this regular expression
+    /// is known noise: the console checks pass and say it was allowed. Crashes never are.
+    /// Repeatable.
+    #[arg(long = "allow-splat", value_name = "REGEX")]
+    allow_splat: Vec<String>,
 }
 
 fn parse_seed(text: &str) -> std::result::Result<u64, String> {
@@ -322,8 +335,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
-    // A bad flavor or defects file stops the run before anything is built.
+    // A bad flavor or defects file, or a bad argument, stops the run before anything is built.
     expectations::get()?;
+    let allowed_splats = rig::console::AllowedSplats::new(&args.allow_splat)?;
     let scenarios = scenarios::select(&args.scenario)?;
     let kernels = kernels_of(&args)?;
     let whole = runner::boots(&kernels, &scenarios, args.debug_variants);
@@ -378,6 +392,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         strict: args.strict,
         shard,
         seed,
+        allowed_splats,
         rig: RigConfig {
             qemu: qemu.binary,
             bzimage: first_kernel.bzimage,
@@ -464,6 +479,7 @@ fn exit_code(ok: bool) -> ExitCode {
 }
 
 /// The kernels a run boots: every --kernel, then every --kernel-src; v1 when none is given.
+/// --config and --configitem go to each source tree, and are an error without one.
 fn kernels_of(args: &RunArgs) -> Result<Vec<KernelChoice>> {
     let mut kernels = args.kernels.clone();
     for path in &args.kernel_src {
@@ -471,6 +487,26 @@ fn kernels_of(args: &RunArgs) -> Result<Vec<KernelChoice>> {
     }
     if kernels.is_empty() {
         kernels.push("v1".parse()?);
+    }
+    let config = build::user_config::UserConfig {
+        fragments: args.config.clone(),
+        items: args.config_items.clone(),
+    };
+    if !config.is_empty() {
+        let mut trees = 0;
+        for kernel in &mut kernels {
+            if let KernelChoice::Source(tree) = kernel {
+                tree.config = config.clone();
+                trees += 1;
+            }
+        }
+        if trees == 0 {
+            anyhow::bail!(
+                "--config and --configitem apply to your own tree (--kernel src:PATH or \
+                 --kernel-src PATH); a flavor's configuration is its fragments in \
+                 kernel-patches/config/"
+            );
+        }
     }
     Ok(kernels)
 }
@@ -562,6 +598,7 @@ fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
         uapi: kernel.uapi,
         debug: kernel.debug,
         seed: 0,
+        allowed_splats: Default::default(),
     };
     let figures = bench::run(&mut rig, &env, args.iterations)?;
     rig.shutdown()?;

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::build::cache::{self, Cache, CacheKey, KeyBuilder};
 use crate::build::recipe::{recipes_dir, Recipe};
+use crate::build::user_config::UserConfig;
 use p2prig_protocol::agent::DmabufUapi;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +86,8 @@ pub struct SourceTree {
     /// Absolute: the build directory in the cache is keyed by it.
     pub path: PathBuf,
     pub variant: Variant,
+    /// `--config` / `--configitem`, merged after p2prig's fragments.
+    pub config: UserConfig,
 }
 
 impl FromStr for SourceTree {
@@ -111,7 +114,11 @@ impl FromStr for SourceTree {
                 path.display()
             );
         }
-        Ok(Self { path, variant })
+        Ok(Self {
+            path,
+            variant,
+            config: UserConfig::default(),
+        })
     }
 }
 
@@ -213,8 +220,8 @@ impl KernelChoice {
                 variant: Variant::Debug,
             })),
             Self::Source(tree) if tree.variant == Variant::Tiny => Some(Self::Source(SourceTree {
-                path: tree.path.clone(),
                 variant: Variant::Debug,
+                ..tree.clone()
             })),
             _ => None,
         }
@@ -562,9 +569,10 @@ fn tree_work_name(tree: &SourceTree) -> String {
 pub fn build_tree(cache: &Cache, tree: &SourceTree) -> Result<Kernel> {
     let recipes = recipes_dir();
     let config_dir = patches_root().join("config");
-    let fragments = tree_fragments(&config_dir, tree_era(&tree.path), tree.variant);
     let work_name = tree_work_name(tree);
     let work = cache.root().join("kernel").join(&work_name);
+    let mut fragments = tree_fragments(&config_dir, tree_era(&tree.path), tree.variant);
+    fragments.extend(tree.config.fragment_files(&work)?);
     let out = work.join("out");
     let _lock = cache.lock(&format!("kernel-{work_name}"))?;
     let fragment_list = fragments
@@ -659,6 +667,7 @@ mod tests {
         let tree = |path: &str, variant| SourceTree {
             path: PathBuf::from(path),
             variant,
+            config: UserConfig::default(),
         };
         let a = tree_work_name(&tree("/src/linux", Variant::Tiny));
         assert_eq!(a, tree_work_name(&tree("/src/linux", Variant::Tiny)));

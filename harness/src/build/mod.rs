@@ -7,6 +7,7 @@ pub mod kernel;
 pub mod qemu;
 pub mod rdma_core;
 pub mod recipe;
+pub mod user_config;
 
 /// The cache keys of the pinned builds, one `artifact key` line each, computed without building
 /// anything: CI derives its cache key from them, so any input p2prig hashes (a recipe, a

@@ -29,9 +29,70 @@ pub fn fatal_excerpt(console: &Path) -> Option<String> {
     first_marker(&String::from_utf8_lossy(&text), FATAL_MARKERS)
 }
 
-/// The first kernel report (crash, KASAN, lockdep, WARN, kmemleak) in `text`.
-pub fn report_excerpt(text: &str) -> Option<String> {
-    first_marker(text, REPORT_MARKERS)
+/// `--allow-splat REGEX`: kernel reports known to be noise on the kernel under test. A report
+/// line matching one is allowed (and said so), never silently dropped; a crash is never allowed.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedSplats(Vec<regex::Regex>);
+
+impl AllowedSplats {
+    pub fn new(patterns: &[String]) -> anyhow::Result<Self> {
+        patterns
+            .iter()
+            .map(|p| {
+                regex::Regex::new(p).map_err(|e| {
+                    anyhow::anyhow!("--allow-splat `{p}` is not a regular expression: {e}")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    fn allows(&self, line: &str) -> bool {
+        self.0.iter().any(|r| r.is_match(line))
+    }
+}
+
+/// What the kernel reported in a stretch of console or dmesg text.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reports {
+    /// The first report no `--allow-splat` pattern allows, with the lines around it.
+    pub first: Option<String>,
+    /// The report lines an `--allow-splat` pattern allowed.
+    pub allowed: Vec<String>,
+}
+
+impl Reports {
+    /// A check's detail when nothing unallowed was reported.
+    pub fn allowed_detail(&self) -> String {
+        if self.allowed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{} report line(s) allowed by --allow-splat: {}",
+                self.allowed.len(),
+                self.allowed.join(" | ")
+            )
+        }
+    }
+}
+
+/// The kernel reports (crash, KASAN, lockdep, WARN, kmemleak) in `text`.
+pub fn reports(text: &str, allowed: &AllowedSplats) -> Reports {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Reports::default();
+    for (i, line) in lines.iter().enumerate() {
+        if !REPORT_MARKERS.iter().any(|m| line.contains(m)) {
+            continue;
+        }
+        let fatal = FATAL_MARKERS.iter().any(|m| line.contains(m));
+        if !fatal && allowed.allows(line) {
+            found.allowed.push(line.trim().to_string());
+        } else {
+            found.first = Some(around(&lines, i));
+            break;
+        }
+    }
+    found
 }
 
 fn first_marker(text: &str, markers: &[&str]) -> Option<String> {
@@ -39,14 +100,22 @@ fn first_marker(text: &str, markers: &[&str]) -> Option<String> {
     let hit = lines
         .iter()
         .position(|l| markers.iter().any(|m| l.contains(m)))?;
+    Some(around(&lines, hit))
+}
+
+fn around(lines: &[&str], hit: usize) -> String {
     let start = hit.saturating_sub(3);
     let end = (hit + 25).min(lines.len());
-    Some(lines[start..end].join("\n"))
+    lines[start..end].join("\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report_excerpt(text: &str) -> Option<String> {
+        reports(text, &AllowedSplats::default()).first
+    }
 
     #[test]
     fn panic_is_found_with_context() {
@@ -70,5 +139,38 @@ mod tests {
         let warn = "WARNING: CPU: 0 PID: 1 at drivers/x.c:1\n";
         assert!(report_excerpt(warn).is_some());
         assert!(first_marker(warn, FATAL_MARKERS).is_none());
+    }
+
+    #[test]
+    fn an_allowed_report_is_named_and_a_crash_is_never_allowed() -> anyhow::Result<()> {
+        let allowed = AllowedSplats::new(&["WARNING: .* at drivers/noisy\\.c".to_string()])?;
+        let text = "ok\nWARNING: CPU: 0 PID: 1 at drivers/noisy.c:12 f+0x1\nok\n";
+        let found = reports(text, &allowed);
+        assert_eq!(found.first, None);
+        assert_eq!(
+            found.allowed,
+            ["WARNING: CPU: 0 PID: 1 at drivers/noisy.c:12 f+0x1"]
+        );
+        assert!(found
+            .allowed_detail()
+            .starts_with("1 report line(s) allowed by --allow-splat"));
+
+        let other = format!("{text}WARNING: CPU: 0 PID: 1 at drivers/other.c:3\n");
+        assert!(reports(&other, &allowed)
+            .first
+            .is_some_and(|e| e.contains("other.c")));
+
+        let everything = AllowedSplats::new(&[".*".to_string()])?;
+        let crash = "BUG: unable to handle page fault for address: 0\nOops: 0000 [#1] SMP\n";
+        assert!(
+            reports(crash, &everything).first.is_some(),
+            "a crash cannot be allowed"
+        );
+
+        let err = AllowedSplats::new(&["(".to_string()]).expect_err("bad regex");
+        assert!(err
+            .to_string()
+            .contains("--allow-splat `(` is not a regular expression"));
+        Ok(())
     }
 }

@@ -60,6 +60,9 @@ pub fn merge(inputs: &[(PathBuf, RunReport)]) -> Result<RunReport> {
         None => merged.axes().0.iter().map(|f| f.to_string()).collect(),
     };
     let position = |scenario: &str| SCENARIOS.iter().position(|s| s.name == scenario);
+    merged
+        .boots
+        .sort_by_key(|b| kernel_order.iter().position(|k| *k == b.flavor));
     merged.results.sort_by_key(|r| {
         (
             kernel_order.iter().position(|k| *k == r.flavor),

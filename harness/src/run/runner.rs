@@ -24,6 +24,8 @@ pub struct RunPlan {
     pub shard: Option<ShardOf>,
     /// Seeds the randomised scenarios (release-races).
     pub seed: u64,
+    /// `--allow-splat`: kernel reports that do not fail guest-console-clean.
+    pub allowed_splats: console::AllowedSplats,
     /// Everything but the kernel; filled in per flavor.
     pub rig: RigConfig,
 }
@@ -135,6 +137,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
             uapi: kernel.uapi,
             debug: kernel.debug,
             seed: plan.seed,
+            allowed_splats: plan.allowed_splats.clone(),
         };
         let flavor_dir = top.subdir(&spec.dir_name())?;
         let mut rig: Option<(Rig, RunDir)> = None;
@@ -225,14 +228,20 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                         );
                     }
                     let text = console_since(r, console_mark);
-                    match console::report_excerpt(&text) {
+                    let found = console::reports(&text, &plan.allowed_splats);
+                    match &found.first {
                         Some(excerpt) => suite.record(
                             checks::GUEST_CONSOLE_CLEAN,
                             false,
-                            excerpt,
+                            excerpt.clone(),
                             Duration::ZERO,
                         ),
-                        None => suite.record(checks::GUEST_CONSOLE_CLEAN, true, "", Duration::ZERO),
+                        None => suite.record(
+                            checks::GUEST_CONSOLE_CLEAN,
+                            true,
+                            found.allowed_detail(),
+                            Duration::ZERO,
+                        ),
                     }
                     if !r.healthy() {
                         println!("    the guest is gone or crashed; the next scenario reboots");

@@ -114,11 +114,14 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
         detail,
         t.elapsed(),
     );
-    let report = crate::rig::console::report_excerpt(&dmesg);
+    let found = crate::rig::console::reports(&dmesg, &env.allowed_splats);
     suite.record(
         checks::NO_KERNEL_REPORT_SINCE_BOOT,
-        report.is_none(),
-        report.unwrap_or_default(),
+        found.first.is_none(),
+        found
+            .first
+            .clone()
+            .unwrap_or_else(|| found.allowed_detail()),
         t.elapsed(),
     );
     Ok(())

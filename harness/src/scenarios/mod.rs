@@ -35,6 +35,8 @@ pub struct ScenarioEnv {
     pub debug: bool,
     /// Seeds the scenarios with random timing (release-races).
     pub seed: u64,
+    /// Kernel reports the user declared noise (`--allow-splat`).
+    pub allowed_splats: crate::rig::console::AllowedSplats,
 }
 
 pub type RunFn = fn(&mut Rig, &ScenarioEnv, &mut Suite) -> Result<()>;
