@@ -20,7 +20,7 @@ use build::{cache, image, kernel, qemu, rdma_core};
 use cache::Cache;
 use kernel::{BuildTarget, FlavorSpec, KernelChoice};
 use report::RunReport;
-use rig::{accel, paths, process};
+use rig::{accel, process};
 use rig::{RigConfig, RunDir};
 use run::{bench, expectations, list, outputs, report, runner};
 
@@ -394,16 +394,9 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         seed,
         allowed_splats,
         rig: RigConfig {
-            qemu: qemu.binary,
-            bzimage: first_kernel.bzimage,
-            initramfs: Some(image.initramfs),
-            nvme_cmb: paths::workspace_binary("nvme-cmb")?,
-            roce_target: paths::workspace_binary("roce-target")?,
-            accel,
             memory_mib: args.memory,
             boot_timeout: Duration::from_secs(args.boot_timeout),
-            extra_cmdline: String::new(),
-            gdb_port: None,
+            ..RigConfig::new(qemu.binary, first_kernel.bzimage, image.initramfs, accel)?
         },
     };
     let label = match args.scenario.as_str() {
@@ -516,56 +509,11 @@ fn shell(cache: &Cache, args: ShellArgs) -> Result<ExitCode> {
     let image = image::build(cache)?;
     let kernel = kernel::resolve(cache, &args.kernel)?;
     let accel = accel::resolve(args.accel, cache, &qemu.binary, &kernel.bzimage)?;
-    let gdb_port = if args.gdb {
-        // A free port now; QEMU binds it a moment later.
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        Some(probe.local_addr()?.port())
-    } else {
-        None
-    };
     let cfg = RigConfig {
-        qemu: qemu.binary,
-        bzimage: kernel.bzimage.clone(),
-        initramfs: Some(image.initramfs),
-        nvme_cmb: paths::workspace_binary("nvme-cmb")?,
-        roce_target: paths::workspace_binary("roce-target")?,
-        accel,
-        memory_mib: 1024,
         boot_timeout: Duration::from_secs(args.boot_timeout),
-        extra_cmdline: if args.gdb {
-            "nokaslr".into()
-        } else {
-            String::new()
-        },
-        gdb_port,
+        ..RigConfig::new(qemu.binary, kernel.bzimage.clone(), image.initramfs, accel)?
     };
-    let top = RunDir::create("shell")?;
-    println!(
-        "booting {} under {} (run directory {}) ...",
-        args.kernel,
-        accel.name(),
-        top.path.display()
-    );
-    let mut rig = rig::Rig::boot(&cfg, &top)?;
-    println!(
-        "rig up in {:.1} s: guest console {}; type `help` for the syntax, `exit` to stop",
-        rig.boot_time.as_secs_f64(),
-        rig.console_path().display()
-    );
-    if let Some(port) = gdb_port {
-        match shell::vmlinux_for(cache, &kernel.bzimage) {
-            Ok(vmlinux) => println!(
-                "gdb: gdb {} -ex 'target remote 127.0.0.1:{port}'",
-                vmlinux.display()
-            ),
-            Err(e) => println!(
-                "gdb: QEMU's gdbstub listens on 127.0.0.1:{port}, but no matching vmlinux: {e:#}"
-            ),
-        }
-    }
-    let served = shell::serve(&mut rig);
-    rig.shutdown()?;
-    served?;
+    shell::run(cache, cfg, &args.kernel.to_string(), args.gdb)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -574,18 +522,7 @@ fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
     let image = image::build(cache)?;
     let kernel = kernel::resolve(cache, &args.kernel)?;
     let accel = accel::resolve(args.accel, cache, &qemu.binary, &kernel.bzimage)?;
-    let cfg = RigConfig {
-        qemu: qemu.binary,
-        bzimage: kernel.bzimage.clone(),
-        initramfs: Some(image.initramfs),
-        nvme_cmb: paths::workspace_binary("nvme-cmb")?,
-        roce_target: paths::workspace_binary("roce-target")?,
-        accel,
-        memory_mib: 1024,
-        boot_timeout: Duration::from_secs(300),
-        extra_cmdline: String::new(),
-        gdb_port: None,
-    };
+    let cfg = RigConfig::new(qemu.binary, kernel.bzimage.clone(), image.initramfs, accel)?;
     let top = RunDir::create("bench")?;
     println!(
         "bench on {} under {} (run directory {})",

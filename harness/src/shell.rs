@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::build::cache::Cache;
-use crate::rig::{process, Rig};
+use crate::rig::{process, Rig, RigConfig, RunDir};
 
 const PROMPT: &str = "p2prig> ";
 /// An agent operation gets this long (a reset or a sleep the user typed can take a while).
@@ -105,7 +105,7 @@ fn operation<T: DeserializeOwned>(channel: &str, op: &str, args: &str) -> Result
 
 /// Where gdb finds the guest kernel's symbols: the work tree's vmlinux, if that tree's last
 /// build is the bzImage being booted (flavors of one source share a work tree).
-pub fn vmlinux_for(cache: &Cache, bzimage: &Path) -> Result<PathBuf> {
+fn vmlinux_for(cache: &Cache, bzimage: &Path) -> Result<PathBuf> {
     let work_trees = cache.root().join("kernel");
     let booted =
         std::fs::read(bzimage).with_context(|| format!("reading {}", bzimage.display()))?;
@@ -128,6 +128,42 @@ pub fn vmlinux_for(cache: &Cache, bzimage: &Path) -> Result<PathBuf> {
     )
 }
 
+/// Boots the rig (`cfg`, with the gdbstub when `gdb`), serves the prompt, then tears it down.
+pub fn run(cache: &Cache, mut cfg: RigConfig, kernel: &str, gdb: bool) -> Result<()> {
+    if gdb {
+        // A free port now; QEMU binds it a moment later.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        cfg.gdb_port = Some(probe.local_addr()?.port());
+        cfg.extra_cmdline = "nokaslr".into();
+    }
+    let top = RunDir::create("shell")?;
+    println!(
+        "booting {kernel} under {} (run directory {}) ...",
+        cfg.accel.name(),
+        top.path.display()
+    );
+    let mut rig = Rig::boot(&cfg, &top)?;
+    println!(
+        "rig up in {:.1} s: guest console {}; type `help` for the syntax, `exit` to stop",
+        rig.boot_time.as_secs_f64(),
+        rig.console_path().display()
+    );
+    if let Some(port) = cfg.gdb_port {
+        match vmlinux_for(cache, &cfg.bzimage) {
+            Ok(vmlinux) => println!(
+                "gdb: gdb {} -ex 'target remote 127.0.0.1:{port}'",
+                vmlinux.display()
+            ),
+            Err(e) => println!(
+                "gdb: QEMU's gdbstub listens on 127.0.0.1:{port}, but no matching vmlinux: {e:#}"
+            ),
+        }
+    }
+    let served = serve(&mut rig);
+    rig.shutdown()?;
+    served
+}
+
 /// Reads lines on a thread of its own, so the prompt loop can notice Ctrl-C and a dead guest
 /// while the user types nothing.
 fn stdin_lines() -> mpsc::Receiver<Option<String>> {
@@ -145,7 +181,7 @@ fn stdin_lines() -> mpsc::Receiver<Option<String>> {
 }
 
 /// The prompt loop; returns when the user exits, input ends, Ctrl-C comes or the guest dies.
-pub fn serve(rig: &mut Rig) -> Result<()> {
+fn serve(rig: &mut Rig) -> Result<()> {
     let lines = stdin_lines();
     print!("{PROMPT}");
     std::io::stdout().flush()?;

@@ -300,8 +300,12 @@ fn patches_root() -> PathBuf {
 }
 
 pub fn flavor_names() -> Result<Vec<String>> {
-    let dir = patches_root().join("flavors");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
+    toml_names(&patches_root().join("flavors"))
+}
+
+/// The names of the `*.toml` files in `dir`, sorted.
+fn toml_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -329,19 +333,7 @@ pub fn load_flavor(name: &str) -> Result<Flavor> {
 
 /// Every pinned kernel source (kernel-patches/sources/*.toml), by name.
 pub fn sources() -> Result<Vec<(String, Source)>> {
-    let dir = patches_root().join("sources");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_suffix(".toml")
-                .map(str::to_string)
-        })
-        .collect();
-    names.sort();
-    names
+    toml_names(&patches_root().join("sources"))?
         .into_iter()
         .map(|name| Ok((name.clone(), load_source(&name)?)))
         .collect()

@@ -55,6 +55,25 @@ pub struct RigConfig {
     pub gdb_port: Option<u16>,
 }
 
+impl RigConfig {
+    /// The rig for `bzimage` with the workspace's device binaries and the usual settings
+    /// (1 GiB, 300 s to a ready agent, no extra command line, no gdbstub).
+    pub fn new(qemu: PathBuf, bzimage: PathBuf, initramfs: PathBuf, accel: Accel) -> Result<Self> {
+        Ok(Self {
+            qemu,
+            bzimage,
+            initramfs: Some(initramfs),
+            nvme_cmb: crate::rig::paths::workspace_binary("nvme-cmb")?,
+            roce_target: crate::rig::paths::workspace_binary("roce-target")?,
+            accel,
+            memory_mib: 1024,
+            boot_timeout: Duration::from_secs(300),
+            extra_cmdline: String::new(),
+            gdb_port: None,
+        })
+    }
+}
+
 /// MAC address of the guest's eth0.
 pub const GUEST_MAC: &str = "52:54:00:12:34:56";
 
