@@ -3,9 +3,8 @@
 //! ends the connection, let alone the process.
 
 use std::io::BufReader;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,6 @@ use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LIN
 use p2prig_protocol::hex;
 
 use crate::device::{Device, MAX_TRANSFER};
-use crate::server::{bind_unix, ServerError};
 
 /// Most events one `events_since` returns (the default when no limit is given is 1000).
 pub const MAX_EVENTS_PER_PAGE: usize = 100_000;
@@ -128,46 +126,13 @@ pub fn serve_connection(stream: UnixStream, device: &Arc<Device>) {
     );
 }
 
-/// The listening control socket.
-#[derive(Debug)]
-pub struct ControlSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
+/// The listening control socket (device-support's, shared with the other device).
+pub use device_support::ControlSocket;
 
-impl ControlSocket {
-    pub fn bind(path: &Path) -> Result<Self, ServerError> {
-        Ok(Self {
-            listener: bind_unix(path)?,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Accepts connections until `stop` is set, each served on its own thread.
-    pub fn serve(&self, device: &Arc<Device>, stop: &AtomicBool) {
-        for stream in self.listener.incoming() {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(stream) = stream else { continue };
-            let device = Arc::clone(device);
-            let spawned = std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || serve_connection(stream, &device));
-            // Out of threads: the connection is dropped and the client may retry.
-            drop(spawned);
-        }
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// Accepts control connections until `stop` is set, each served on its own thread.
+pub fn serve(socket: &ControlSocket, device: &Arc<Device>, stop: &AtomicBool) {
+    let device = Arc::clone(device);
+    socket.serve(stop, move |stream| serve_connection(stream, &device));
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ fn main() -> Result<()> {
         let stop = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || control.serve(&device, &stop))
+            .spawn(move || nvme_cmb::control::serve(&control, &device, &stop))
             .context("starting the control socket thread")?;
     }
     {

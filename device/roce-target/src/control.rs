@@ -282,45 +282,13 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     Ok(device_support::bind_private_socket(path)?)
 }
 
-/// The listening control socket.
-#[derive(Debug)]
-pub struct ControlSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
+/// The listening control socket (device-support's, shared with the other device).
+pub use device_support::ControlSocket;
 
-impl ControlSocket {
-    pub fn bind(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            listener: bind_unix(path)?,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Accepts connections until `stop` is set, each served on its own thread.
-    pub fn serve(&self, context: &ControlContext, stop: &AtomicBool) {
-        for stream in self.listener.incoming() {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(stream) = stream else { continue };
-            let context = context.clone();
-            // Out of threads: the connection is dropped and the client may retry.
-            let _ = std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || serve_connection(stream, &context));
-        }
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// Accepts control connections until `stop` is set, each served on its own thread.
+pub fn serve(socket: &ControlSocket, context: &ControlContext, stop: &AtomicBool) {
+    let context = context.clone();
+    socket.serve(stop, move |stream| serve_connection(stream, &context));
 }
 
 #[cfg(test)]
@@ -499,7 +467,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         {
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || socket.serve(&c, &stop));
+            std::thread::spawn(move || serve(&socket, &c, &stop));
         }
         let mut stream = UnixStream::connect(&path).expect("connect");
         stream

@@ -185,7 +185,7 @@ fn main() -> Result<()> {
         let stop = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || control.serve(&context, &stop))
+            .spawn(move || roce_target::control::serve(&control, &context, &stop))
             .context("starting the control socket thread")?;
     }
     {

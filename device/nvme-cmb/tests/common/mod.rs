@@ -54,7 +54,7 @@ impl Rig {
             let device = device.clone();
             let stop = stop.clone();
             // The control thread blocks in accept; it is left to end with the test process.
-            std::thread::spawn(move || control_socket.serve(&device, &stop));
+            std::thread::spawn(move || nvme_cmb::control::serve(&control_socket, &device, &stop));
         }
         Rig {
             dir,
