@@ -2,14 +2,13 @@
 //! connection, one reply line per request line. A bad line gets an error reply; it never
 //! ends the connection, let alone the process.
 
-use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use p2prig_protocol::device::{DeviceOp, DeviceReply};
-use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LINE_BYTES};
+use p2prig_protocol::wire::{answer_line, serve_unix_stream, ErrorReply, Reply, MAX_LINE_BYTES};
 
 use p2prig_protocol::hex;
 
@@ -115,12 +114,8 @@ pub fn handle_line(line: &[u8], device: &Arc<Device>) -> Reply<DeviceReply> {
 
 /// Serves one connection until the peer closes it.
 pub fn serve_connection(stream: UnixStream, device: &Arc<Device>) {
-    let Ok(writer) = stream.try_clone() else {
-        return;
-    };
-    serve_lines(
-        BufReader::new(stream),
-        writer,
+    serve_unix_stream(
+        stream,
         || invalid(format!("line longer than {MAX_LINE_BYTES} bytes")),
         |line| handle_line(line, device),
     );

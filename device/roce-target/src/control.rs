@@ -2,7 +2,7 @@
 //! connection, one reply line per request line. A bad line gets an error reply; it never
 //! ends the connection, let alone the process.
 
-use std::io::{self, BufReader};
+use std::io::{self};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use p2prig_protocol::hex;
 use p2prig_protocol::target::{MrAccess, TargetOp, TargetReply};
-use p2prig_protocol::wire::{answer_line, serve_lines, ErrorReply, Reply, MAX_LINE_BYTES};
+use p2prig_protocol::wire::{answer_line, serve_unix_stream, ErrorReply, Reply, MAX_LINE_BYTES};
 
 use crate::backend::{lock_engine, SharedEngine};
 use crate::engine::{EngineError, RemoteBuffer};
@@ -264,12 +264,8 @@ pub fn handle_line(line: &[u8], context: &ControlContext) -> Reply<TargetReply> 
 
 /// Serves one connection until the peer closes it.
 pub fn serve_connection(stream: UnixStream, context: &ControlContext) {
-    let Ok(writer) = stream.try_clone() else {
-        return;
-    };
-    serve_lines(
-        BufReader::new(stream),
-        writer,
+    serve_unix_stream(
+        stream,
         || invalid(format!("line longer than {MAX_LINE_BYTES} bytes")),
         |line| handle_line(line, context),
     );
@@ -297,7 +293,7 @@ mod tests {
     use crate::backend::{GuestLink, GuestQueue};
     use crate::{Engine, EngineConfig};
     use p2prig_protocol::wire::Outcome;
-    use std::io::{BufRead, Write};
+    use std::io::{BufRead, BufReader, Write};
     use std::sync::Mutex;
 
     fn context(pcap_dir: Option<PathBuf>) -> ControlContext {

@@ -134,6 +134,19 @@ pub fn answer_line<Op: DeserializeOwned, T>(
     }
 }
 
+/// [`serve_lines`] on a Unix stream connection (a device's control socket): until the peer
+/// closes it.
+pub fn serve_unix_stream<T: Serialize>(
+    stream: std::os::unix::net::UnixStream,
+    too_long: impl Fn() -> ErrorReply,
+    answer: impl FnMut(&[u8]) -> Reply<T>,
+) {
+    let Ok(writer) = stream.try_clone() else {
+        return;
+    };
+    serve_lines(std::io::BufReader::new(stream), writer, too_long, answer);
+}
+
 /// Serves one JSON-lines connection until the peer closes it or a read or write fails: every
 /// non-blank line goes to `answer` and its reply is written back; an overlong line is
 /// skipped and answered with `too_long` (id 0), so the next line still parses.
