@@ -56,7 +56,12 @@ impl FromStr for FlavorSpec {
 
     fn from_str(s: &str) -> Result<Self> {
         let (flavor, variant) = match s.split_once(':') {
-            Some((f, v)) => (f, v.parse().with_context(|| format!("in `{s}`"))?),
+            Some((f, v)) => (
+                f,
+                v.parse().map_err(|e| {
+                    anyhow::anyhow!("`{s}`: {e} (FLAVOR, FLAVOR:tiny or FLAVOR:debug)")
+                })?,
+            ),
             None => (s, Variant::Tiny),
         };
         if flavor.is_empty()
@@ -65,6 +70,15 @@ impl FromStr for FlavorSpec {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             bail!("`{s}` is not a flavor name: use e.g. v1, v1-fixed or v1:debug");
+        }
+        // Checked here, when the argument is parsed, so that nothing is built or downloaded
+        // before a misspelt flavor is reported.
+        let known = flavor_names()?;
+        if !known.iter().any(|k| k == flavor) {
+            bail!(
+                "no kernel flavor `{flavor}`; known: {} (kernel-patches/flavors/*.toml, `p2prig list`)",
+                known.join(", ")
+            );
         }
         Ok(Self {
             flavor: flavor.to_string(),
