@@ -53,7 +53,7 @@ impl Cache {
     /// p2prig processes never build into the same work directory at once.
     pub fn lock(&self, name: &str) -> Result<LockGuard> {
         let dir = self.root.join("locks");
-        fs::create_dir_all(&dir)?;
+        make_dir(&dir)?;
         let path = dir.join(format!("{name}.lock"));
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         // SAFETY: flock on a file descriptor we own; it has no memory-safety preconditions.
@@ -178,9 +178,20 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Moves a finished staging directory into place; a concurrent identical build that got
 /// there first wins and ours is discarded.
+/// `mkdir -p` inside the cache, with an error that names the directory and the way out.
+pub fn make_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "creating {}: p2prig's cache must be writable; point P2PRIG_CACHE at a directory \
+             you can write",
+            dir.display()
+        )
+    })
+}
+
 pub fn publish(staging: &Path, target: &Path) -> Result<()> {
     if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent)?;
+        make_dir(parent)?;
     }
     match fs::rename(staging, target) {
         Ok(()) => Ok(()),
@@ -223,6 +234,24 @@ mod tests {
         let k3 = KeyBuilder::default().dir("s", tmp.path())?.finish();
         assert_ne!(k1.short(), k2.short());
         assert_ne!(k2.short(), k3.short());
+        Ok(())
+    }
+
+    #[test]
+    fn an_unwritable_cache_names_the_directory_and_the_way_out() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let file = tmp.path().join("not-a-dir");
+        std::fs::write(&file, "")?;
+        let err = make_dir(&file.join("locks")).expect_err("a file is in the way");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("creating {}", file.join("locks").display())),
+            "{text}"
+        );
+        assert!(
+            text.contains("point P2PRIG_CACHE at a directory you can write"),
+            "{text}"
+        );
         Ok(())
     }
 }

@@ -109,7 +109,7 @@ pub fn build(cache: &Cache) -> Result<Image> {
 
     let staging = out.with_extension("partial");
     std::fs::remove_dir_all(&staging).ok();
-    std::fs::create_dir_all(&staging)?;
+    crate::build::cache::make_dir(&staging)?;
     let bytes = gzip(&newc(&entries)?)?;
     std::fs::write(staging.join("initramfs.cpio.gz"), bytes)?;
     let manifest: String = entries.keys().map(|k| format!("/{k}\n")).collect();

@@ -30,7 +30,7 @@ pub struct Recipe<'a> {
 impl Recipe<'_> {
     pub fn run(&self) -> Result<()> {
         if let Some(dir) = self.log.parent() {
-            fs::create_dir_all(dir)?;
+            crate::build::cache::make_dir(dir)?;
         }
         let log =
             File::create(&self.log).with_context(|| format!("creating {}", self.log.display()))?;
