@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use p2prig_protocol::agent::{AgentOp, AgentReply};
 use p2prig_protocol::wire::{
-    decode_line, encode_line, salvage_id, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
+    decode_request, encode_line, salvage_id, ErrorReply, Outcome, Reply, Request, MAX_LINE_BYTES,
 };
 
 use crate::agent_log;
@@ -49,7 +49,7 @@ fn error_reply(id: u64, errno: i32, message: String) -> Reply<AgentReply> {
 
 /// Answers one complete line (without its newline). Returns the reply and what to do after.
 pub fn answer_line<P: Platform>(agent: &Agent<P>, line: &[u8]) -> (Reply<AgentReply>, After) {
-    let request: Request<AgentOp> = match decode_line(line) {
+    let request: Request<AgentOp> = match decode_request(line) {
         Ok(request) => request,
         Err(error) => {
             let id = salvage_id(line);

@@ -81,6 +81,8 @@ pub enum WireError {
     NotUtf8,
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
+    #[error("`op` must be an operation's name (a string), not {0}")]
+    OpNotAName(String),
 }
 
 /// Parses one line (with or without its trailing newline) into `T`.
@@ -90,6 +92,16 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, WireError> {
     }
     let text = std::str::from_utf8(line).map_err(|_| WireError::NotUtf8)?;
     Ok(serde_json::from_str(text.trim_end_matches(['\n', '\r']))?)
+}
+
+/// Parses one request line. The operation must be named: serde would also take a number as a
+/// variant's index (`{"id":3,"op":4}` running the fifth operation), which no client means.
+pub fn decode_request<Op: DeserializeOwned>(line: &[u8]) -> Result<Request<Op>, WireError> {
+    let value: serde_json::Value = decode_line(line)?;
+    match value.get("op") {
+        Some(serde_json::Value::String(_)) | None => Ok(serde_json::from_value(value)?),
+        Some(other) => Err(WireError::OpNotAName(other.to_string())),
+    }
 }
 
 /// Serialises `value` as one line, newline included.
@@ -119,7 +131,7 @@ pub fn answer_line<Op: DeserializeOwned, T>(
     handle: impl FnOnce(Op) -> Result<T, ErrorReply>,
     bad_request: impl FnOnce(String) -> ErrorReply,
 ) -> Reply<T> {
-    match decode_line::<Request<Op>>(line) {
+    match decode_request::<Op>(line) {
         Ok(request) => Reply::new(
             request.id,
             match handle(request.op) {
@@ -222,6 +234,32 @@ mod tests {
     enum Op {
         Ping,
         Add { a: u32, b: u32 },
+    }
+
+    #[test]
+    fn an_operation_is_named_never_numbered() {
+        // serde alone takes 1 as the index of `add`.
+        let by_index: Result<Request<Op>, _> =
+            serde_json::from_str(r#"{"id":3,"op":1,"a":1,"b":2}"#);
+        assert!(
+            by_index.is_ok(),
+            "serde's own behaviour, which decode_request refuses"
+        );
+        let err = decode_request::<Op>(br#"{"id":3,"op":1,"a":1,"b":2}"#).expect_err("a number");
+        assert_eq!(
+            err.to_string(),
+            "`op` must be an operation's name (a string), not 1"
+        );
+        assert!(decode_request::<Op>(br#"{"id":3,"op":"add","a":1,"b":2}"#).is_ok());
+        let reply = answer_line(
+            br#"{"id":9,"op":0}"#,
+            |_: Op| Ok(()),
+            |m| ErrorReply::new(22, m),
+        );
+        assert_eq!(reply.id, 9);
+        assert!(
+            matches!(reply.outcome, Outcome::Err(ref e) if e.message.contains("must be an operation's name"))
+        );
     }
 
     #[test]
