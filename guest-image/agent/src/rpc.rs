@@ -266,7 +266,8 @@ mod tests {
         fn reply(&mut self) -> Reply<AgentReply> {
             let mut line = String::new();
             self.replies.read_line(&mut line).expect("reply line");
-            decode_line(line.as_bytes()).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+            p2prig_protocol::wire::decode_line(line.as_bytes())
+                .unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
         }
 
         fn call(&mut self, id: u64, op: AgentOp) -> Reply<AgentReply> {
