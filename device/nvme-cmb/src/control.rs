@@ -17,6 +17,25 @@ use crate::device::{Device, MAX_TRANSFER};
 /// Most events one `events_since` returns (the default when no limit is given is 1000).
 pub const MAX_EVENTS_PER_PAGE: usize = 100_000;
 const DEFAULT_EVENTS_PER_PAGE: usize = 1000;
+/// Bytes of events one reply may carry: the protocol's line limit, less room for the rest of
+/// the reply (id, last_seq, truncated).
+const REPLY_BUDGET: usize = MAX_LINE_BYTES - 4096;
+
+/// Drops events from the end of a page until its JSON fits in `budget` bytes, so a reply never
+/// exceeds the line limit its client reads with; the client asks again from the last event it
+/// got (`last_seq` still says how far the log goes).
+fn fit_in_a_line(events: &mut Vec<p2prig_protocol::event::Event>, budget: usize) {
+    let mut used = 0;
+    let fits = events
+        .iter()
+        .take_while(|event| {
+            // Each event is followed by a comma in the array.
+            used += serde_json::to_vec(event).map_or(usize::MAX / 2, |v| v.len()) + 1;
+            used <= budget
+        })
+        .count();
+    events.truncate(fits);
+}
 /// Longest pattern a `cmb_fill` accepts.
 pub const MAX_PATTERN_BYTES: usize = 4096;
 /// Longest reset duration or ready delay the socket accepts (10 minutes).
@@ -31,7 +50,8 @@ pub fn handle(op: DeviceOp, device: &Arc<Device>) -> Result<DeviceReply, ErrorRe
     match op {
         DeviceOp::EventsSince { since, limit } => {
             let limit = limit.map_or(DEFAULT_EVENTS_PER_PAGE, |l| l as usize);
-            let page = device.log().since(since, limit.min(MAX_EVENTS_PER_PAGE));
+            let mut page = device.log().since(since, limit.min(MAX_EVENTS_PER_PAGE));
+            fit_in_a_line(&mut page.events, REPLY_BUDGET);
             Ok(DeviceReply::Events {
                 events: page.events,
                 last_seq: page.last_seq,
@@ -164,6 +184,52 @@ mod tests {
             assert_eq!(reply.id, id);
             assert!(matches!(reply.outcome, Outcome::Err(ref e) if e.errno == libc::EINVAL));
         }
+    }
+
+    #[test]
+    fn a_page_of_events_always_fits_in_one_line() {
+        let log = Arc::new(EventLog::new(200_000, None));
+        let d = Device::new(
+            DeviceSettings {
+                cmb_size: 64 << 10,
+                ..Default::default()
+            },
+            Arc::clone(&log),
+        )
+        .expect("device");
+        // 60,000 events of about 130 bytes: about 8 MB in one page before paging by size.
+        for i in 0..60_000 {
+            log.record(p2prig_protocol::event::EventKind::Bar {
+                access: p2prig_protocol::event::Access::Write,
+                bar: 0,
+                offset: 0x1000 + (i % 512) * 8,
+                size: 8,
+                value: Some(u64::MAX - i),
+                data: None,
+            });
+        }
+        let mut since = 0;
+        let mut seen = 0;
+        loop {
+            let line = handle_line(
+                format!(r#"{{"id":1,"op":"events_since","since":{since},"limit":100000}}"#)
+                    .as_bytes(),
+                &d,
+            );
+            let encoded = p2prig_protocol::wire::encode_line(&line);
+            assert!(
+                encoded.len() <= MAX_LINE_BYTES,
+                "a {}-byte reply",
+                encoded.len()
+            );
+            let Outcome::Ok(DeviceReply::Events { events, .. }) = line.outcome else {
+                panic!("not events: {:?}", line.outcome);
+            };
+            let Some(last) = events.last() else { break };
+            since = last.seq;
+            seen += events.len();
+        }
+        assert!(seen >= 60_000, "paging lost events: {seen}");
     }
 
     #[test]
