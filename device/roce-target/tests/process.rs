@@ -2,11 +2,15 @@
 //! protocol messages) connects, disconnects and connects again, the control socket counts
 //! the connections, and SIGTERM removes the sockets and exits 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{get_features, wait_for};
 
 /// Kills and reaps the child on every path, so no test leaves a target behind.
 struct Guard(Child);
@@ -16,35 +20,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn get_features(socket: &Path) -> u64 {
-    let mut stream = UnixStream::connect(socket).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    // VHOST_USER_GET_FEATURES, version 1, no payload.
-    let mut request = Vec::new();
-    for word in [1u32, 1, 0] {
-        request.extend_from_slice(&word.to_le_bytes());
-    }
-    stream.write_all(&request).expect("write");
-    let mut reply = [0u8; 20];
-    stream.read_exact(&mut reply).expect("reply");
-    assert_eq!(&reply[..4], &1u32.to_le_bytes());
-    u64::from_le_bytes(reply[12..20].try_into().expect("8 bytes"))
 }
 
 fn control(path: &Path, line: &str) -> String {

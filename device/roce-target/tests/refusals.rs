@@ -3,6 +3,8 @@
 //! instance on the same sockets, captures through a symlink or into a FIFO, oversized or
 //! excess WRITEs, out-of-range QP attributes.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{get_features, message, wait_for};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Kills and reaps the child on every path, so no test leaves a target behind.
@@ -47,18 +50,6 @@ fn command(dir: &Path) -> Command {
         });
     }
     command
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn start(dir: &Path) -> Target {
@@ -132,26 +123,6 @@ impl Target {
         let features = get_features(&self.socket);
         assert_ne!(features & (1 << 30), 0, "PROTOCOL_FEATURES");
     }
-}
-
-fn message(request: u32, payload: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    for word in [request, 1, payload.len() as u32] {
-        m.extend_from_slice(&word.to_le_bytes());
-    }
-    m.extend_from_slice(payload);
-    m
-}
-
-fn get_features(socket: &Path) -> u64 {
-    let mut stream = UnixStream::connect(socket).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream.write_all(&message(1, &[])).expect("write");
-    let mut reply = [0u8; 20];
-    stream.read_exact(&mut reply).expect("reply");
-    u64::from_le_bytes(reply[12..20].try_into().expect("8 bytes"))
 }
 
 fn memfd(size: u64) -> OwnedFd {
