@@ -2,7 +2,7 @@
 //! (`--cmb-mode mmap`) while the device and its control socket read and fill them.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 /// Smallest and largest CMB sizes accepted.
@@ -51,8 +51,8 @@ impl Cmb {
     }
 
     /// The memfd, for QEMU to map (region info with a sparse mmap area).
-    pub fn raw_fd(&self) -> i32 {
-        self.file.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     fn check(&self, offset: u64, length: u64) -> Result<(), CmbError> {

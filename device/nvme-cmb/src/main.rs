@@ -118,8 +118,7 @@ fn start_device(
         ready_delay_ms: cli.rdy_delay_ms,
     };
     let device = Device::new(settings, Arc::clone(&log)).context("creating the CMB")?;
-    let endpoint = Endpoint::from_listener(listener, &cli.socket, &device)
-        .context("creating the vfio-user socket")?;
+    let endpoint = Endpoint::from_listener(listener, &cli.socket);
     Ok((device, endpoint, log))
 }
 

@@ -168,6 +168,14 @@ fn run(qemu: PathBuf, cmb_mode: &str) {
     assert!(back, "function back after the reset window");
 
     let events = events(&trace);
+    // Everything QEMU's client sent (VERSION, DMA maps and unmaps, region infos, SET_IRQS,
+    // accesses) passed the framing's checks.
+    let refused: Vec<&EventKind> = events
+        .iter()
+        .map(|e| &e.kind)
+        .filter(|k| k.name() == "bad_request")
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
     let bar_writes: Vec<(u8, u64, Option<u64>)> = events
         .iter()
         .filter_map(|e| match e.kind {

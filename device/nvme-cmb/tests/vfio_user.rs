@@ -179,7 +179,7 @@ fn a_new_client_is_served_after_the_previous_one_disconnects() {
 #[test]
 fn out_of_range_and_misaligned_reads_get_error_replies_and_events() {
     let rig = Rig::default();
-    let mut raw = RawClient::connect(&rig.socket);
+    let mut raw = SpecClient::connect(&rig.socket);
     for (region, offset, count) in [
         (0, 0x4000, 4),
         (0, 2, 4),

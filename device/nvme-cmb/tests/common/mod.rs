@@ -1,7 +1,7 @@
 //! A device served on real unix sockets in a temporary directory, and clients for it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,11 @@ use p2prig_protocol::device::{DeviceOp, DeviceReply};
 use p2prig_protocol::event::{Event, EventKind};
 use p2prig_protocol::wire::{decode_line, encode_line, Outcome, Reply, Request};
 use vfio_user::Client;
+
+mod spec_client;
+// Not every test crate uses the spec client.
+#[allow(unused_imports)]
+pub use spec_client::*;
 
 pub const BAR0: u32 = 0;
 pub const CMB: u32 = 2;
@@ -41,7 +46,7 @@ impl Rig {
         let file = std::fs::File::create(&trace).expect("trace");
         let log = Arc::new(EventLog::new(100_000, Some(file)));
         let device = Device::new(settings, log).expect("device");
-        let endpoint = Endpoint::bind(&socket, &device).expect("endpoint");
+        let endpoint = Endpoint::bind(&socket).expect("endpoint");
         let control_socket = ControlSocket::bind(&control).expect("control");
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -205,106 +210,16 @@ impl ControlClient {
     }
 }
 
-/// A minimal hand-written vfio-user client, for messages the crate's client cannot send
-/// (bad sizes, unknown commands) and for checking error replies.
-pub struct RawClient {
-    pub stream: UnixStream,
-    next_id: u16,
+/// The device is still fully usable by a fresh client (the crate's).
+pub fn next_client_is_served(rig: &Rig) {
+    let mut client = rig.decoding_client();
+    write32(&mut client, BAR0, 0x1000, 1);
+    assert_eq!(read32(&mut client, BAR0, 0x08), 0x0001_0400);
 }
 
-pub const HEADER_SIZE: usize = 16;
-pub const FLAG_ERROR: u32 = 1 << 5;
-
-pub struct RawReply {
-    pub id: u16,
-    pub command: u16,
-    pub flags: u32,
-    pub error: u32,
-    pub payload: Vec<u8>,
-}
-
-impl RawClient {
-    /// Connects without negotiating anything.
-    pub fn bare(path: &std::path::Path) -> RawClient {
-        let stream = UnixStream::connect(path).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        RawClient { stream, next_id: 0 }
-    }
-
-    /// Connects and negotiates the version.
-    pub fn connect(path: &std::path::Path) -> RawClient {
-        let mut client = RawClient::bare(path);
-        let mut payload = vec![0u8, 0, 0, 0]; // major 0, minor 0
-        payload.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":1}}\0");
-        let reply = client.request(1, &payload);
-        assert_eq!(reply.flags & FLAG_ERROR, 0, "version accepted");
-        client
-    }
-
-    pub fn send(&mut self, command: u16, flags: u32, payload: &[u8]) -> u16 {
-        self.send_sized(
-            command,
-            flags,
-            (HEADER_SIZE + payload.len()) as u32,
-            payload,
-        )
-    }
-
-    /// Sends a message whose header claims `size` bytes, whatever the payload is.
-    pub fn send_sized(&mut self, command: u16, flags: u32, size: u32, payload: &[u8]) -> u16 {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let mut message = Vec::with_capacity(size as usize);
-        message.extend_from_slice(&id.to_le_bytes());
-        message.extend_from_slice(&command.to_le_bytes());
-        message.extend_from_slice(&size.to_le_bytes());
-        message.extend_from_slice(&flags.to_le_bytes());
-        message.extend_from_slice(&0u32.to_le_bytes());
-        message.extend_from_slice(payload);
-        self.stream.write_all(&message).expect("send");
-        id
-    }
-
-    /// True when the server closed the connection (EOF within the read timeout).
-    pub fn closed_by_server(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        loop {
-            match self.stream.read(&mut byte) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-                Err(_) => return false,
-            }
-        }
-    }
-
-    pub fn receive(&mut self) -> RawReply {
-        let mut header = [0u8; HEADER_SIZE];
-        self.stream.read_exact(&mut header).expect("reply header");
-        let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let mut payload = vec![0u8; size.saturating_sub(HEADER_SIZE)];
-        self.stream.read_exact(&mut payload).expect("reply payload");
-        RawReply {
-            id: u16::from_le_bytes([header[0], header[1]]),
-            command: u16::from_le_bytes([header[2], header[3]]),
-            flags: u32::from_le_bytes([header[8], header[9], header[10], header[11]]),
-            error: u32::from_le_bytes([header[12], header[13], header[14], header[15]]),
-            payload,
-        }
-    }
-
-    pub fn request(&mut self, command: u16, payload: &[u8]) -> RawReply {
-        self.send(command, 0, payload);
-        self.receive()
-    }
-
-    /// REGION_READ (9): offset u64, region u32, count u32.
-    pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> RawReply {
-        let mut payload = offset.to_le_bytes().to_vec();
-        payload.extend_from_slice(&region.to_le_bytes());
-        payload.extend_from_slice(&count.to_le_bytes());
-        self.request(9, &payload)
-    }
+/// Some `bad_request` event's detail contains `needle`.
+pub fn bad_request_mentions(rig: &Rig, needle: &str) -> bool {
+    rig.events()
+        .iter()
+        .any(|e| matches!(&e.kind, EventKind::BadRequest { detail } if detail.contains(needle)))
 }
