@@ -60,6 +60,13 @@ impl Recipe<'_> {
         progress.finish();
         if !status.success() {
             let tail = tail_lines(&self.log, 25);
+            if let Some(gone) = pin_gone(&tail) {
+                bail!(
+                    "building {} failed: {gone}\n(last lines of {}:\n{tail})",
+                    self.what,
+                    self.log.display()
+                );
+            }
             bail!(
                 "building {} failed ({status}) after {:.0} s; last lines of {}:\n{tail}\nfix the cause above and run the build again (finished steps are cached)",
                 self.what,
@@ -180,6 +187,30 @@ fn is_make_compile_line(line: &str) -> bool {
 }
 
 /// The last `n` lines of a file, for error messages.
+/// apt's answer when a pinned package version has left the archive (Debian's security archive
+/// keeps the newest few): what happened and how to go on. `apt-get download` says
+/// "E: Version 'V' for 'P' was not found", `apt-get source` "E: Can not find version 'V' of
+/// package 'P'" (both measured here).
+fn pin_gone(log: &str) -> Option<String> {
+    let (package, version) = log.lines().find_map(|line| {
+        if let Some(rest) = line.strip_prefix("E: Version '") {
+            let (version, rest) = rest.split_once("' for '")?;
+            Some((rest.strip_suffix("' was not found")?, version))
+        } else {
+            let rest = line.strip_prefix("E: Can not find version '")?;
+            let (version, rest) = rest.split_once("' of package '")?;
+            Some((rest.strip_suffix('\'')?, version))
+        }
+    })?;
+    Some(format!(
+        "the pinned source package {package}={version} is no longer in the Debian archive \
+         this host's apt reaches. Pin a version it still offers (`apt-cache madison {package}` \
+         lists them) where this one is pinned (kernel-patches/sources/*.toml for a kernel: \
+         debian_version, deb_sha256 and tarball_sha256 of the new .deb), or build from a source \
+         tarball you have (KERNEL_TARBALL=/path/to/linux.tar.xz, QEMU_TARBALL=/path/to/qemu.tar.xz)"
+    ))
+}
+
 pub fn tail_lines(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -198,6 +229,45 @@ mod tests {
         );
         assert_eq!(ninja_counter("[warn] something"), None);
         assert_eq!(ninja_counter("plain"), None);
+    }
+
+    #[test]
+    fn a_pin_gone_from_the_archive_is_named_with_the_way_on() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let script = dir.path().join("recipe.sh");
+        // What apt-get prints for a version the archive dropped (measured with
+        // `apt-get download linux-source-6.1=6.1.192-9`).
+        fs::write(
+            &script,
+            "echo '==> downloading'\necho \"E: Version '6.1.192-2' for 'linux-source-6.1' was not found\" >&2\nexit 100\n",
+        )?;
+        let recipe = Recipe {
+            what: "kernel v1:tiny",
+            script,
+            args: Vec::new(),
+            env: Vec::new(),
+            log: dir.path().join("log"),
+        };
+        let message = format!("{:#}", recipe.run().expect_err("apt failed"));
+        assert!(
+            message.starts_with(
+                "building kernel v1:tiny failed: the pinned source package \
+                 linux-source-6.1=6.1.192-2 is no longer in the Debian archive"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("apt-cache madison linux-source-6.1"),
+            "{message}"
+        );
+        assert!(message.contains("KERNEL_TARBALL="), "{message}");
+        assert_eq!(pin_gone("E: Unable to locate package nope"), None);
+        let source = pin_gone("E: Can not find version '56.1-9' of package 'rdma-core'\n");
+        assert!(
+            source.is_some_and(|m| m.contains("rdma-core=56.1-9 is no longer")),
+            "apt-get source's wording"
+        );
+        Ok(())
     }
 
     #[test]
