@@ -234,6 +234,14 @@ pub fn handle(op: TargetOp, context: &ControlContext) -> Result<TargetReply, Err
                     .destroy_qp(qpn)
                     .map(|()| TargetReply::Done)
                     .map_err(engine_error),
+                TargetOp::HoldResponses { qpn } => engine
+                    .hold_responses(qpn)
+                    .map(|()| TargetReply::Done)
+                    .map_err(engine_error),
+                TargetOp::ReleaseResponses { qpn } => engine
+                    .release_responses(qpn)
+                    .map(|(frames, dropped)| TargetReply::Released { frames, dropped })
+                    .map_err(engine_error),
                 TargetOp::Stats => {
                     let mut stats = engine.stats();
                     stats.connections = context.connections.load(Ordering::Relaxed);
@@ -385,6 +393,19 @@ mod tests {
         };
         assert!(frames >= 1);
         assert!(std::fs::metadata(path).expect("pcap file").len() > 24);
+        let release = format!(r#"{{"id":14,"op":"release_responses","qpn":{}}}"#, qp.qpn);
+        match handle_line(release.as_bytes(), &c).outcome {
+            Outcome::Err(e) => assert_eq!(e.errno, libc::EINVAL, "not held: {e}"),
+            Outcome::Ok(reply) => panic!("released what was not held: {reply:?}"),
+        }
+        ok(
+            &format!(r#"{{"id":15,"op":"hold_responses","qpn":{}}}"#, qp.qpn),
+            &c,
+        );
+        let TargetReply::Released { frames, dropped } = ok(&release, &c) else {
+            panic!("released");
+        };
+        assert_eq!((frames, dropped), (0, 0), "nothing was answered meanwhile");
         ok(
             &format!(r#"{{"id":12,"op":"destroy_qp","qpn":{}}}"#, qp.qpn),
             &c,
@@ -408,6 +429,16 @@ mod tests {
                 libc::ENOENT,
             ),
             (b"{\"id\":7,\"op\":\"pcap_start\"}", 7, libc::EINVAL),
+            (
+                b"{\"id\":9,\"op\":\"hold_responses\",\"qpn\":99}",
+                9,
+                libc::ENOENT,
+            ),
+            (
+                b"{\"id\":10,\"op\":\"release_responses\",\"qpn\":99}",
+                10,
+                libc::ENOENT,
+            ),
             (
                 b"{\"id\":8,\"op\":\"create_qp\",\"path_mtu\":1000}",
                 8,

@@ -111,6 +111,7 @@ pub fn describe(op: &AgentOp) -> String {
         ),
         AgentOp::QpRts { qp, psn, .. } => format!("qp_rts qp {qp} psn {psn:#x}"),
         AgentOp::QpReset { qp } => format!("qp_reset qp {qp}"),
+        AgentOp::QpError { qp } => format!("qp_error qp {qp}"),
         AgentOp::QpQuery { qp } => format!("qp_query qp {qp}"),
         AgentOp::RegMr { pd, length, access } => {
             format!("reg_mr pd {pd} length {length:#x} access {access:?}")

@@ -129,6 +129,7 @@ pub enum Transition {
     Rtr(RtrParams),
     Rts(RtsParams),
     Reset,
+    Error,
 }
 
 /// What ibv_query_qp says.

@@ -316,6 +316,11 @@ pub enum AgentOp {
     QpReset {
         qp: u32,
     },
+    /// Any state -> ERROR: the provider flushes the QP's outstanding work requests with
+    /// IBV_WC_WR_FLUSH_ERR, and responses that still arrive for it meet a QP in error.
+    QpError {
+        qp: u32,
+    },
     /// ibv_query_qp: number, state and PSNs; answers `qp_state`.
     QpQuery {
         qp: u32,

@@ -117,6 +117,15 @@ pub enum TargetOp {
     DestroyQp {
         qpn: u32,
     },
+    /// Keep the responses (ACKs, NAKs, READ responses) this QP sends from now on instead of
+    /// sending them (at most 1024), until `release_responses`: a late peer.
+    HoldResponses {
+        qpn: u32,
+    },
+    /// Send the held responses in order and stop holding; answers `released`.
+    ReleaseResponses {
+        qpn: u32,
+    },
     /// Counters.
     Stats,
     /// Starts writing every frame in and out to `<pcap dir>/<name>` (default
@@ -196,6 +205,13 @@ pub enum TargetReply {
         path: String,
         /// Frames written so far (0 right after start).
         frames: u64,
+    },
+    /// Answer to `release_responses`.
+    Released {
+        /// Frames sent now.
+        frames: u64,
+        /// Responses the hold dropped over its bound.
+        dropped: u64,
     },
     /// The request was carried out.
     Done,

@@ -59,6 +59,10 @@ pub const MAX_POSTED_BYTES: u32 = 16 << 20;
 pub const MAX_QUEUED_BYTES: u64 = 64 << 20;
 /// Completions kept until polled.
 pub const MAX_COMPLETIONS: usize = 65_536;
+/// Responses one QP keeps while they are held ([`Engine::hold_responses`]); later ones are
+/// dropped and counted. A guest requester retransmits every ACK timeout, so a hold of a
+/// few seconds makes tens of responses; this bounds a hold nobody releases.
+pub const MAX_HELD_RESPONSES: usize = 1024;
 /// READ requests remembered for duplicate replay (IBTA 9.7.5.1.6 wants as many as
 /// max_dest_rd_atomic; rxe allows up to 16).
 const READ_HISTORY: usize = 16;
@@ -328,6 +332,8 @@ impl Engine {
         };
         let qp = self.qps.get_mut(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
         qp.flush(&mut self.shared);
+        // Responses held for the old connection are not sent to the new one.
+        self.shared.wire.held.remove(&qpn);
         let settings = QpSettings {
             path_mtu: Some(qp.pmtu),
             psn: None,
@@ -345,7 +351,26 @@ impl Engine {
     pub fn destroy_qp(&mut self, qpn: u32) -> Result<(), EngineError> {
         let mut qp = self.qps.remove(&qpn).ok_or(EngineError::NoSuchQp(qpn))?;
         qp.flush(&mut self.shared);
+        self.shared.wire.held.remove(&qpn);
         Ok(())
+    }
+
+    /// From now on the responses QP `qpn` sends as a responder (ACKs, NAKs, READ
+    /// responses) are kept instead of sent, up to [`MAX_HELD_RESPONSES`], until
+    /// [`Engine::release_responses`]: a peer whose answers are late, e.g. until the guest's
+    /// requester QP has gone to the error state. Holding twice is holding.
+    pub fn hold_responses(&mut self, qpn: u32) -> Result<(), EngineError> {
+        self.qp_mut(qpn)?;
+        self.shared.wire.held.entry(qpn).or_default();
+        Ok(())
+    }
+
+    /// Sends what [`Engine::hold_responses`] kept, in order, and sends responses at once
+    /// again; answers (frames sent, responses dropped over the bound).
+    pub fn release_responses(&mut self, qpn: u32) -> Result<(u64, u64), EngineError> {
+        let qp = self.qp_mut(qpn)?;
+        let not_held = qp.bad_state("its responses are not held (hold_responses first)");
+        self.shared.wire.release(qpn).ok_or(not_held)
     }
 
     // ---- posting ----

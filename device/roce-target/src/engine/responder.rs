@@ -300,7 +300,7 @@ fn send_read_responses(qp: &Qp, shared: &mut Shared, record: &ReadRecord, from: 
         let start = (u64::from(i) * pmtu).min(data.len() as u64) as usize;
         let end = (start as u64 + pmtu).min(data.len() as u64) as usize;
         spec.payload = &data[start..end];
-        wire.send(remote, qp.udp_sport, &spec, now);
+        wire.respond(qp, &spec, now);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The wire side of the engine: frames out through the [`Link`](super::Link), ARP, the pcap
 //! and the counters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
@@ -24,6 +24,16 @@ pub(super) struct Wire {
     pub(super) pcap: Option<PcapWriter>,
     pub(super) stats: TargetStats,
     pub(super) frame: Vec<u8>,
+    /// The responses of QPs whose responses are held back, by the QP's number.
+    pub(super) held: BTreeMap<u32, HeldResponses>,
+}
+
+/// Responses a QP sent while they were held: whole frames, in order, until released.
+#[derive(Debug, Default)]
+pub(super) struct HeldResponses {
+    pub(super) frames: Vec<Vec<u8>>,
+    /// Responses past [`MAX_HELD_RESPONSES`], not kept.
+    pub(super) dropped: u64,
 }
 
 impl std::fmt::Debug for Wire {
@@ -47,6 +57,7 @@ impl Wire {
             pcap: None,
             stats: TargetStats::default(),
             frame: Vec::with_capacity(4200),
+            held: BTreeMap::new(),
         }
     }
 
@@ -89,10 +100,18 @@ impl Wire {
     /// Sends one transport packet to `remote`; without a known MAC it asks by ARP and
     /// drops the packet (the retransmission timer sends it again).
     pub(super) fn send(&mut self, remote: Remote, sport: u16, spec: &PacketSpec<'_>, now: Instant) {
+        if self.build(remote, sport, spec, now) {
+            self.emit_own_buffer();
+        }
+    }
+
+    /// Builds the frame of one transport packet to `remote` in `self.frame`; false (and an
+    /// ARP request) when the remote's MAC is not known yet.
+    fn build(&mut self, remote: Remote, sport: u16, spec: &PacketSpec<'_>, now: Instant) -> bool {
         let Some(&dst_mac) = self.neighbours.get(&remote.ip) else {
             self.stats.dropped_no_neighbour += 1;
             self.arp_for(remote.ip, now);
-            return;
+            return false;
         };
         self.ip_id = self.ip_id.wrapping_add(1);
         let route = RoceRoute {
@@ -107,7 +126,38 @@ impl Wire {
         frame::write_roce(&route, spec.len(), &mut buffer, |out| spec.write(out));
         self.frame = buffer;
         self.stats.roce_out += 1;
-        self.emit_own_buffer();
+        true
+    }
+
+    /// Sends a response of `qp` (ACK, NAK, READ response) to its remote, or keeps it while
+    /// the QP's responses are held.
+    pub(super) fn respond(&mut self, qp: &Qp, spec: &PacketSpec<'_>, now: Instant) {
+        let Some(remote) = qp.remote else { return };
+        if !self.held.contains_key(&qp.qpn) {
+            self.send(remote, qp.udp_sport, spec, now);
+            return;
+        }
+        if !self.build(remote, qp.udp_sport, spec, now) {
+            return;
+        }
+        let frame = self.frame.clone();
+        if let Some(held) = self.held.get_mut(&qp.qpn) {
+            if held.frames.len() < MAX_HELD_RESPONSES {
+                held.frames.push(frame);
+            } else {
+                held.dropped += 1;
+            }
+        }
+    }
+
+    /// Sends the responses held for QP `qpn` in the order they were made and stops holding;
+    /// answers how many went out and how many had been dropped over the bound.
+    pub(super) fn release(&mut self, qpn: u32) -> Option<(u64, u64)> {
+        let held = self.held.remove(&qpn)?;
+        for frame in &held.frames {
+            self.emit(frame);
+        }
+        Some((held.frames.len() as u64, held.dropped))
     }
 
     pub(super) fn send_aeth(&mut self, qp: &Qp, psn: u32, syndrome: u8, now: Instant) {
@@ -122,6 +172,33 @@ impl Wire {
             0b001 => self.stats.rnr_naks_sent += 1,
             _ => self.stats.naks_sent += 1,
         }
-        self.send(remote, qp.udp_sport, &spec, now);
+        self.respond(qp, &spec, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use p2prig_protocol::target::QpSettings;
+
+    use super::super::test_support::{connected_qp, shared};
+    use super::*;
+    use crate::headers::SYNDROME_ACK;
+
+    #[test]
+    fn a_hold_keeps_at_most_its_bound_and_counts_the_rest() {
+        let (mut shared, link) = shared();
+        let qp = connected_qp(&QpSettings::default(), 0x100);
+        shared.wire.held.entry(qp.qpn).or_default();
+        let now = Instant::now();
+        for psn in 0..MAX_HELD_RESPONSES as u32 + 10 {
+            shared.wire.send_aeth(&qp, psn, SYNDROME_ACK, now);
+        }
+        assert_eq!(link.count(), 0, "nothing goes out while held");
+        let released = shared.wire.release(qp.qpn);
+        assert_eq!(released, Some((MAX_HELD_RESPONSES as u64, 10)));
+        assert_eq!(link.count(), MAX_HELD_RESPONSES);
+        assert_eq!(shared.wire.release(qp.qpn), None, "released once");
+        shared.wire.send_aeth(&qp, 0, SYNDROME_ACK, now);
+        assert_eq!(link.count(), MAX_HELD_RESPONSES + 1, "sent at once again");
     }
 }

@@ -405,6 +405,7 @@ impl<P: Platform> Agent<P> {
                 max_rd_atomic,
             } => self.qp_rts(*qp, *psn, *timeout, *retry_cnt, *rnr_retry, *max_rd_atomic),
             AgentOp::QpReset { qp } => self.qp_reset(*qp),
+            AgentOp::QpError { qp } => self.qp_error(*qp),
             AgentOp::QpQuery { qp } => self.qp_query(*qp),
             AgentOp::RegMr { pd, length, access } => self.reg_mr(*pd, *length, access),
             AgentOp::RegDmabufMr {

@@ -222,6 +222,11 @@ impl<P: Platform> Agent<P> {
         Ok(AgentReply::Done)
     }
 
+    pub(crate) fn qp_error(&self, qp: u32) -> Result<AgentReply> {
+        self.platform.rdma().modify_qp(qp, Transition::Error)?;
+        Ok(AgentReply::Done)
+    }
+
     pub(crate) fn qp_query(&self, qp: u32) -> Result<AgentReply> {
         let state = self.platform.rdma().query_qp(qp)?;
         Ok(AgentReply::QpState {

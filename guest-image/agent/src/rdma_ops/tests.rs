@@ -159,6 +159,20 @@ fn loopback_setup_converts_arguments_to_verbs_numbers() {
 }
 
 #[test]
+fn qp_reset_and_qp_error_reach_the_provider_as_their_states() {
+    let agent = agent();
+    ok(&agent, op(r#"{"id":1,"op":"qp_error","qp":4}"#));
+    ok(&agent, op(r#"{"id":2,"op":"qp_reset","qp":4}"#));
+    assert_eq!(
+        agent.platform.rdma.calls(),
+        [
+            format!("modify_qp 4 {:?}", Transition::Error),
+            format!("modify_qp 4 {:?}", Transition::Reset),
+        ]
+    );
+}
+
+#[test]
 fn qp_arguments_out_of_range_are_refused_before_verbs() {
     let agent = agent();
     for bad in [

@@ -299,6 +299,10 @@ impl Rdma for Verbs {
                 attr.qp_state = sys::IBV_QPS_RESET;
                 sys::IBV_QP_STATE
             }
+            Transition::Error => {
+                attr.qp_state = sys::IBV_QPS_ERR;
+                sys::IBV_QP_STATE
+            }
         };
         entry.raw.with("QP", |ptr| {
             // SAFETY: a live QP; attr is initialised for every bit of the mask.
