@@ -536,6 +536,7 @@ fn bench(cache: &Cache, args: BenchArgs) -> Result<ExitCode> {
         debug: kernel.debug,
         seed: 0,
         allowed_splats: Default::default(),
+        accel,
     };
     let figures = bench::run(&mut rig, &env, args.iterations)?;
     rig.shutdown()?;

@@ -76,6 +76,8 @@ impl RigConfig {
 
 /// MAC address of the guest's eth0.
 pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+/// MAC address of the guest's eth1, the NIC on the root complex outside the switch.
+pub const OUTSIDE_NIC_MAC: &str = "52:54:00:12:34:57";
 
 /// Longest socket path we create: sun_path holds 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 100;
@@ -164,7 +166,7 @@ pub struct Rig {
 
 /// The guest's PCIe topology: root port -> switch upstream -> two downstream ports, so the
 /// NVMe function and the NIC share a switch and pci_p2pdma finds a path (q35's host bridge
-/// is not on its whitelist).
+/// is not on its whitelist); a second NIC under a root port of its own has no such path.
 pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
     let mem = cfg.memory_mib;
     let cpu = match cfg.accel {
@@ -242,6 +244,18 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "vhost-user,id=n0,chardev=net0".into(),
         "-device".into(),
         format!("virtio-net-pci,netdev=n0,bus=dp1,addr=0,romfile=,mac={GUEST_MAC}"),
+        // A second NIC (eth1) under a root port of its own, so nothing but the host bridge
+        // joins it to nvme-cmb: the importer without a peer-to-peer path (p2p-path). It
+        // probes after the switch's NIC (the kernel walks rp0's subtree first), so eth0 stays
+        // the NIC above. Its frames go to a restricted user-mode network that lets nothing
+        // out (a lone hub port would refuse them: its TX queue stalls and the guest's netdev
+        // watchdog warns).
+        "-device".into(),
+        "pcie-root-port,id=rp1,bus=pcie.0,chassis=4,slot=2".into(),
+        "-netdev".into(),
+        "user,id=n1,restrict=on,ipv6=off,net=10.0.3.0/24".into(),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n1,bus=rp1,addr=0,romfile=,mac={OUTSIDE_NIC_MAC}"),
         "-device".into(),
         "virtio-serial-pci,id=vser0,bus=pcie.0".into(),
         "-chardev".into(),
@@ -627,6 +641,11 @@ mod tests {
         assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(joined.contains("x3130-upstream,id=sw0,bus=rp0"));
         assert!(joined.contains(r#""bus":"dp0""#));
+        assert!(joined.contains("pcie-root-port,id=rp1,bus=pcie.0"));
+        assert!(
+            joined.contains("netdev=n1,bus=rp1"),
+            "the outside NIC is not behind the switch"
+        );
         assert!(joined.contains(r#""path":"/r/nvme-cmb.sock""#));
         assert!(joined.contains("-bios /usr/share/qemu/qboot.rom"));
         assert!(joined.contains("name=p2prig.agent"));

@@ -26,6 +26,8 @@ pub struct Check {
 #[derive(Debug, Clone, Default)]
 pub struct Suite {
     pub checks: Vec<Check>,
+    /// Why the scenario could not show what it is about on this rig (set by [`Suite::skip`]).
+    pub skipped: Option<String>,
 }
 
 impl Suite {
@@ -53,6 +55,16 @@ impl Suite {
 
     pub fn failures(&self) -> usize {
         self.checks.iter().filter(|c| !c.passed).count()
+    }
+
+    /// Marks the scenario skipped: this rig cannot show what it checks (e.g. the host's
+    /// CPU makes the kernel allow what the scenario needs refused). The scenario returns
+    /// without recording more; a check that failed before, or the console check after,
+    /// still makes it a failure.
+    pub fn skip(&mut self, reason: impl Into<String>) {
+        let reason = reason.into();
+        println!("    skipped: {reason}");
+        self.skipped = Some(reason);
     }
 }
 

@@ -138,6 +138,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
             debug: kernel.debug,
             seed: plan.seed,
             allowed_splats: plan.allowed_splats.clone(),
+            accel: cfg.accel,
         };
         let flavor_dir = top.subdir(&spec.dir_name())?;
         let mut rig: Option<(Rig, RunDir)> = None;
@@ -253,20 +254,22 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                     suite.record(checks::BOOT, false, why, Duration::ZERO);
                 }
             }
-            result.passed = suite.failures() == 0;
+            result.passed = suite.failures() == 0 && suite.skipped.is_none();
             let failed: Vec<CheckId> = suite
                 .checks
                 .iter()
                 .filter(|c| !c.passed)
                 .map(|c| c.name)
                 .collect();
-            result.verdict = Verdict::judge(expect, &failed, plan.strict);
-            result.note = suite
-                .checks
-                .iter()
-                .find(|c| !c.passed)
-                .map(|c| format!("{}: {}", c.name, c.detail))
-                .unwrap_or_default();
+            result.verdict = match &suite.skipped {
+                Some(_) if failed.is_empty() => Verdict::Skipped,
+                _ => Verdict::judge(expect, &failed, plan.strict),
+            };
+            result.note = match (&suite.skipped, suite.checks.iter().find(|c| !c.passed)) {
+                (_, Some(c)) => format!("{}: {}", c.name, c.detail),
+                (Some(reason), None) => reason.clone(),
+                (None, None) => String::new(),
+            };
             result.checks = suite.checks;
             result.duration = scenario_started.elapsed();
             result.end_ns = crate::rig::client::mono_ns();

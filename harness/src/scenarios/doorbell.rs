@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use p2prig_protocol::agent::{Access, AgentOp, AgentReply};
+use p2prig_protocol::agent::AgentReply;
+use p2prig_protocol::wire::ErrorReply;
 
 use crate::rig::Rig;
 use crate::run::checks;
@@ -64,26 +65,12 @@ fn doorbell(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
 fn import_without_pci_function(
     rig: &mut Rig,
     env: &ScenarioEnv,
-) -> Result<std::result::Result<AgentReply, p2prig_protocol::wire::ErrorReply>> {
+) -> Result<std::result::Result<AgentReply, ErrorReply>> {
     with_held_value(rig, |rig, held| {
         let device = open_device(rig, held)?;
         let dmabuf = export(rig, held, device, 0, PAGE, PAGE, env)?;
         let context = rxe_open(rig, "rxe_lo", "lo", held)?;
         let pd = alloc_pd(rig, context, held)?;
-        let reply = rig.agent_call(
-            AgentOp::RegDmabufMr {
-                pd,
-                dmabuf,
-                offset: 0,
-                length: PAGE,
-                iova: 0,
-                access: vec![Access::LocalWrite, Access::RemoteWrite],
-            },
-            RPC,
-        )?;
-        if let Ok(AgentReply::Mr { mr, .. }) = &reply {
-            held.push(AgentOp::DeregMr { mr: *mr });
-        }
-        Ok(reply)
+        reg_dmabuf_reply(rig, held, pd, dmabuf, 0, PAGE)
     })
 }

@@ -6,8 +6,10 @@ pub mod cmb;
 pub mod device_identity;
 pub mod doorbell;
 pub mod export_args;
+pub mod late_responses;
 pub mod map_leak;
 pub mod oracles;
+pub mod p2p_path;
 pub mod races;
 pub mod remote;
 pub mod revoke;
@@ -37,6 +39,9 @@ pub struct ScenarioEnv {
     pub seed: u64,
     /// Kernel reports the user declared noise (`--allow-splat`).
     pub allowed_splats: crate::rig::console::AllowedSplats,
+    /// How the guest runs: under KVM it has the host's CPU (`-cpu host`), which decides
+    /// whether the kernel lets P2P DMA cross the host bridge (p2p-path).
+    pub accel: crate::rig::Accel,
 }
 
 pub type RunFn = fn(&mut Rig, &ScenarioEnv, &mut Suite) -> Result<()>;
@@ -87,6 +92,15 @@ pub const SCENARIOS: &[Scenario] = &[
                   SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
         needs_debug: false,
         run: crate::scenarios::doorbell::run_doorbell,
+    },
+    Scenario {
+        name: "p2p-path",
+        summary: "a dma-buf MR of the doorbell page through rxe1 on eth1, a NIC under a root \
+                  port of its own (no P2P path to nvme-cmb: only q35's host bridge, not on \
+                  pci_p2pdma's whitelist, joins them) is refused as unsupported (EOPNOTSUPP at \
+                  attach, or EINVAL from 7.3's map), without a BAR access",
+        needs_debug: false,
+        run: crate::scenarios::p2p_path::run,
     },
     Scenario {
         name: "slice-routing",
@@ -163,6 +177,15 @@ pub const SCENARIOS: &[Scenario] = &[
                   cleanly and the console stays free of oopses",
         needs_debug: false,
         run: crate::scenarios::revoke::run_revoke_on_close,
+    },
+    Scenario {
+        name: "late-responses",
+        summary: "roce-target holds the ACKs of 8 RDMA WRITEs it executed while the guest moves \
+                  its requester QP to the error state (every WRITE flushed); released, the ACKs \
+                  reach the QP in error, which stays there and completes nothing more; the \
+                  console stays clean (rxe's completer drops them)",
+        needs_debug: false,
+        run: crate::scenarios::late_responses::run,
     },
     Scenario {
         name: "release-races",

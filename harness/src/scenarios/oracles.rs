@@ -6,8 +6,10 @@ use p2prig_protocol::agent::Completion;
 use p2prig_protocol::event::{Access, Event, EventKind};
 use p2prig_protocol::target::{Completion as TargetCompletion, CompletionStatus};
 
-/// `enum ibv_wc_status` (infiniband/verbs.h): IBV_WC_SUCCESS and IBV_WC_REM_ACCESS_ERR.
+/// `enum ibv_wc_status` (infiniband/verbs.h): IBV_WC_SUCCESS, IBV_WC_WR_FLUSH_ERR and
+/// IBV_WC_REM_ACCESS_ERR.
 const IBV_WC_SUCCESS: u32 = 0;
+const IBV_WC_WR_FLUSH_ERR: u32 = 5;
 const IBV_WC_REM_ACCESS_ERR: u32 = 10;
 /// The AETH syndrome of a remote-access-error NAK (IBTA 9.7.5.2: NAK code 2, 0b011_00010).
 const NAK_REMOTE_ACCESS: u8 = 0x62;
@@ -15,6 +17,11 @@ const NAK_REMOTE_ACCESS: u8 = 0x62;
 /// The guest's work request completed successfully.
 pub fn wc_succeeded(wc: &Option<Completion>) -> bool {
     matches!(wc, Some(c) if c.status == IBV_WC_SUCCESS)
+}
+
+/// The guest's work request was flushed: its QP went to the error state before it completed.
+pub fn wc_flushed(wc: &Option<Completion>) -> bool {
+    matches!(wc, Some(c) if c.status == IBV_WC_WR_FLUSH_ERR)
 }
 
 /// The guest's work request was refused by the responder (a revoked or dead MR).

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use p2prig_protocol::agent::AgentOp;
 use p2prig_protocol::event::Event;
 use p2prig_protocol::target::{
-    Completion as TargetCompletion, QpSettings, Sge, TargetOp, TargetReply,
+    Completion as TargetCompletion, MrInfo, QpSettings, Sge, TargetOp, TargetReply,
 };
 
 use crate::rig::Rig;
@@ -20,6 +20,9 @@ pub(crate) fn target_call(rig: &mut Rig, op: TargetOp) -> Result<TargetReply> {
         .map_err(|e| anyhow!("roce-target {desc}: {e:#}"))
 }
 
+/// The guest QP's local ACK timeout towards roce-target: 4.096 us * 2^14, about 67 ms.
+pub(crate) const TARGET_ACK_TIMEOUT: u8 = 14;
+
 /// Connects a guest RC QP with a fresh roce-target QP (parameters exchanged here, out of
 /// band, as the design has it: no RDMA CM). Returns the guest QP and CQ handles and the
 /// target's QPN.
@@ -28,6 +31,17 @@ pub(crate) fn connect_to_target(
     context: u32,
     pd: u32,
     held: &mut Held,
+) -> Result<(u32, u32, u32)> {
+    connect_to_target_timed(rig, context, pd, held, TARGET_ACK_TIMEOUT)
+}
+
+/// [`connect_to_target`] with the guest QP's local ACK timeout exponent (IBTA 9.7.6.1.3).
+pub(crate) fn connect_to_target_timed(
+    rig: &mut Rig,
+    context: u32,
+    pd: u32,
+    held: &mut Held,
+    ack_timeout: u8,
 ) -> Result<(u32, u32, u32)> {
     let endpoint = match target_call(rig, TargetOp::CreateQp(QpSettings::default()))? {
         TargetReply::Qp(endpoint) => endpoint,
@@ -55,7 +69,7 @@ pub(crate) fn connect_to_target(
         remote_gid: endpoint.gid.clone(),
         path_mtu: endpoint.path_mtu,
         psn: 200,
-        timeout: 14,
+        timeout: ack_timeout,
         retries: 7,
     };
     qp_to_rts(rig, qp, &path)?;
@@ -177,6 +191,11 @@ pub(crate) fn target_complete(
 }
 
 pub(crate) fn target_mr(rig: &mut Rig, length: u64) -> Result<u32> {
+    Ok(target_mr_info(rig, length)?.key)
+}
+
+/// A fresh target MR of `length` bytes with every access right: its key and address.
+pub(crate) fn target_mr_info(rig: &mut Rig, length: u64) -> Result<MrInfo> {
     match target_call(
         rig,
         TargetOp::RegisterMr {
@@ -184,7 +203,7 @@ pub(crate) fn target_mr(rig: &mut Rig, length: u64) -> Result<u32> {
             access: None,
         },
     )? {
-        TargetReply::Mr(mr) => Ok(mr.key),
+        TargetReply::Mr(mr) => Ok(mr),
         other => bail!("roce-target register_mr: unexpected {other:?}"),
     }
 }

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 
 use p2prig_protocol::agent::{Access, AgentOp, AgentReply, Completion, SendOpcode};
+use p2prig_protocol::wire::ErrorReply;
 
 use crate::rig::Rig;
 
@@ -254,6 +255,25 @@ pub(crate) fn reg_dmabuf(
     offset: u64,
     length: u64,
 ) -> Result<std::result::Result<(u32, u32), String>> {
+    Ok(
+        match reg_dmabuf_reply(rig, held, pd, dmabuf, offset, length)? {
+            Ok(AgentReply::Mr { mr, rkey, .. }) => Ok((mr, rkey)),
+            Ok(other) => Err(format!("unexpected {other:?}")),
+            Err(e) => Err(e.to_string()),
+        },
+    )
+}
+
+/// [`reg_dmabuf`] answering the agent's reply as it is, so a refusal keeps its errno; a
+/// registered MR is released with the rest of `held`.
+pub(crate) fn reg_dmabuf_reply(
+    rig: &mut Rig,
+    held: &mut Held,
+    pd: u32,
+    dmabuf: u32,
+    offset: u64,
+    length: u64,
+) -> Result<std::result::Result<AgentReply, ErrorReply>> {
     let op = AgentOp::RegDmabufMr {
         pd,
         dmabuf,
@@ -262,14 +282,11 @@ pub(crate) fn reg_dmabuf(
         iova: 0,
         access: vec![Access::LocalWrite, Access::RemoteWrite, Access::RemoteRead],
     };
-    Ok(match rig.agent_call(op, RPC)? {
-        Ok(AgentReply::Mr { mr, rkey, .. }) => {
-            held.push(AgentOp::DeregMr { mr });
-            Ok((mr, rkey))
-        }
-        Ok(other) => Err(format!("unexpected {other:?}")),
-        Err(e) => Err(e.to_string()),
-    })
+    let reply = rig.agent_call(op, RPC)?;
+    if let Ok(AgentReply::Mr { mr, .. }) = &reply {
+        held.push(AgentOp::DeregMr { mr: *mr });
+    }
+    Ok(reply)
 }
 
 /// Posts an RDMA op of `data.len()` bytes from A's buffer and waits for its completion.
