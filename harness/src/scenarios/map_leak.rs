@@ -21,6 +21,9 @@ const MAP_CYCLES: u32 = 32;
 const REMAP_CYCLES: u32 = 16;
 /// Long enough for rxe's re-map work (first attempt at once, retries after 10 and 100 ms).
 const REMAP_SETTLE: Duration = Duration::from_millis(250);
+/// A kmemleak scan walks all of the guest's memory, under KASAN and TCG: seconds on an idle
+/// host, over 30 s (the usual RPC bound) when the host's cores are busy building a kernel.
+const KMEMLEAK_RPC: Duration = Duration::from_secs(180);
 
 pub fn run_map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     with_held(rig, |rig, held| map_leak(rig, env, suite, held))
@@ -28,7 +31,7 @@ pub fn run_map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Resu
 
 fn kmemleak(rig: &mut Rig, command: KmemleakCommand) -> Result<String> {
     match ok(
-        rig.agent_call(AgentOp::Kmemleak { command }, RPC)?,
+        rig.agent_call(AgentOp::Kmemleak { command }, KMEMLEAK_RPC)?,
         "kmemleak",
     )? {
         AgentReply::Text { text } => Ok(text),
