@@ -27,12 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use roce_target::proxy::{filter_connection, FilterReport};
+use roce_target::proxy::{filter_connection, FilterReport, HEADER_LEN, MAX_PAYLOAD};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-const HEADER_LEN: usize = 12;
-/// roce-target's limit (proxy.rs `MAX_PAYLOAD`).
-const MAX_PAYLOAD: usize = 64 << 10;
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_ENABLE: u32 = 18;

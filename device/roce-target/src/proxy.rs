@@ -25,11 +25,12 @@ use vhost::vhost_user::message::FrontendReq;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// vhost-user header: request, flags, payload size (all u32 little-endian).
-const HEADER_LEN: usize = 12;
+/// A vhost-user message header: request, flags, payload size (u32 each).
+pub const HEADER_LEN: usize = 12;
 /// More than any message carries (SET_MEM_TABLE: 8 regions).
 const MAX_FDS: usize = 32;
 /// Largest payload accepted (vhost-user messages are a few hundred bytes at most).
-const MAX_PAYLOAD: usize = 64 << 10;
+pub const MAX_PAYLOAD: usize = 64 << 10;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
