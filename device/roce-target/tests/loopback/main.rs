@@ -1,130 +1,20 @@
 //! Two RC engines back to back through a loopback link, no VM: one plays the target, the
 //! other the guest's rxe. Time is synthetic, so timers are exact and tests never sleep.
 
-use std::collections::VecDeque;
+mod held;
+mod pair;
+
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use p2prig_protocol::target::{
     CompletionOpcode, CompletionStatus, MrAccess, QpSettings, QpStateName, Sge,
 };
 use roce_target::engine::RemoteBuffer;
 use roce_target::headers::{opcode, Packet};
-use roce_target::{Engine, EngineConfig, Link};
+use roce_target::EngineConfig;
 
-type Wire = Arc<Mutex<VecDeque<Vec<u8>>>>;
-
-struct QueueLink(Wire);
-
-impl Link for QueueLink {
-    fn transmit(&mut self, frame: &[u8]) -> bool {
-        match self.0.lock() {
-            Ok(mut queue) => {
-                queue.push_back(frame.to_vec());
-                true
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-const ALL: [MrAccess; 3] = [
-    MrAccess::LocalWrite,
-    MrAccess::RemoteWrite,
-    MrAccess::RemoteRead,
-];
-
-struct Pair {
-    a: Engine,
-    b: Engine,
-    a_out: Wire,
-    b_out: Wire,
-    now: Instant,
-    a_qpn: u32,
-    b_qpn: u32,
-}
-
-/// The opcode of a RoCE frame, if it is one.
-fn roce_opcode(frame: &[u8]) -> Option<(u8, u32)> {
-    let transport = frame.get(42..frame.len().checked_sub(4)?)?;
-    let packet = Packet::parse(transport).ok()?;
-    Some((packet.bth.opcode, packet.bth.psn))
-}
-
-impl Pair {
-    fn new(settings: QpSettings) -> Self {
-        let a_out = Wire::default();
-        let b_out = Wire::default();
-        let a_config = EngineConfig::default();
-        let b_config = EngineConfig {
-            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-            ip: Ipv4Addr::new(10, 0, 2, 15),
-        };
-        let mut a = Engine::new(a_config, Box::new(QueueLink(Arc::clone(&a_out))));
-        let mut b = Engine::new(b_config, Box::new(QueueLink(Arc::clone(&b_out))));
-        let qa = a.create_qp(&settings).expect("qp a");
-        let qb = b.create_qp(&settings).expect("qp b");
-        let now = Instant::now();
-        // B learns A's MAC by ARP (the target answers); A is given B's MAC.
-        a.connect(qa.qpn, qb.qpn, qb.psn, b_config.ip, Some(b_config.mac), now)
-            .expect("connect a");
-        b.connect(qb.qpn, qa.qpn, qa.psn, a_config.ip, None, now)
-            .expect("connect b");
-        let mut pair = Self {
-            a,
-            b,
-            a_out,
-            b_out,
-            now,
-            a_qpn: qa.qpn,
-            b_qpn: qb.qpn,
-        };
-        pair.run(|_, _| true);
-        pair
-    }
-
-    /// Moves frames both ways until both links are quiet; `keep(from_a, frame)` may drop.
-    fn run(&mut self, mut keep: impl FnMut(bool, &[u8]) -> bool) -> usize {
-        let mut moved = 0;
-        for _ in 0..100_000 {
-            let from_a = self.a_out.lock().expect("lock").pop_front();
-            if let Some(frame) = &from_a {
-                moved += 1;
-                if keep(true, frame) {
-                    self.b.receive(frame, self.now);
-                }
-            }
-            let from_b = self.b_out.lock().expect("lock").pop_front();
-            if let Some(frame) = &from_b {
-                moved += 1;
-                if keep(false, frame) {
-                    self.a.receive(frame, self.now);
-                }
-            }
-            if from_a.is_none() && from_b.is_none() {
-                break;
-            }
-        }
-        moved
-    }
-
-    fn advance(&mut self, by: Duration) {
-        self.now += by;
-        self.a.tick(self.now);
-        self.b.tick(self.now);
-    }
-
-    fn mr(engine: &mut Engine, len: u64, fill: u8) -> (u32, u64) {
-        let mr = engine.register_mr(len, &ALL).expect("mr");
-        engine.mr_fill(mr.key, 0, len, &[fill]).expect("fill");
-        (mr.key, mr.va)
-    }
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
-}
+use pair::*;
 
 #[test]
 fn write_of_any_length_lands_in_the_peer_and_completes() {
@@ -742,75 +632,4 @@ fn a_write_holds_its_bytes_against_the_send_queue_limit_until_acknowledged() {
     assert_eq!(done[0].status, CompletionStatus::Success);
     assert_eq!(p.a.queued_bytes(), 0, "the ACK gave the bytes back");
     assert_eq!(p.b.mr_read(dst, 0, 8).expect("read"), vec![0x5A; 8]);
-}
-
-#[test]
-fn held_responses_go_out_only_on_release_and_in_order() {
-    let mut p = Pair::new(QpSettings::default());
-    let (src, _) = Pair::mr(&mut p.a, 64, 5);
-    let (dst, va) = Pair::mr(&mut p.b, 4096, 0);
-    let (read_into, _) = Pair::mr(&mut p.a, 64, 0);
-    p.b.hold_responses(p.b_qpn).expect("hold");
-    let sge = |key, length| Sge {
-        key,
-        offset: 0,
-        length,
-    };
-    p.a.post_write(
-        p.a_qpn,
-        1,
-        sge(src, 64),
-        RemoteBuffer { va, rkey: dst },
-        None,
-        p.now,
-    )
-    .expect("write");
-    p.a.post_read(
-        p.a_qpn,
-        2,
-        sge(read_into, 64),
-        RemoteBuffer { va, rkey: dst },
-        p.now,
-    )
-    .expect("read");
-    let mut answered = 0;
-    p.run(|from_a, _| {
-        answered += usize::from(!from_a);
-        true
-    });
-    // The responder acted on both requests; nothing came back.
-    assert_eq!(p.b.mr_read(dst, 0, 64).expect("dst"), vec![5; 64]);
-    assert_eq!(answered, 0, "a held response was sent");
-    assert!(
-        p.a.poll_cq(None, 4).is_empty(),
-        "nothing completes unanswered"
-    );
-    let (frames, dropped) = p.b.release_responses(p.b_qpn).expect("release");
-    assert_eq!(
-        (frames, dropped),
-        (2, 0),
-        "the WRITE's ACK and the READ response"
-    );
-    let released: Vec<(u8, u32)> = p
-        .b_out
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter_map(|f| roce_opcode(f))
-        .collect();
-    assert_eq!(
-        released.iter().map(|r| r.0).collect::<Vec<_>>(),
-        [opcode::ACKNOWLEDGE, opcode::READ_RESPONSE_ONLY]
-    );
-    p.run(|_, _| true);
-    let done = p.a.poll_cq(None, 4);
-    assert_eq!(done.len(), 2, "{done:?}");
-    assert!(done.iter().all(|c| c.status == CompletionStatus::Success));
-    assert_eq!(
-        p.a.mr_read(read_into, 0, 64).expect("read back"),
-        vec![5; 64]
-    );
-    // Released: answers go out at once again, and a second release is refused.
-    assert!(p.b.release_responses(p.b_qpn).is_err());
-    assert!(p.b.hold_responses(0x00ff_ffff).is_err(), "no such QP");
 }
