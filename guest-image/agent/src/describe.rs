@@ -68,6 +68,67 @@ pub fn describe(op: &AgentOp) -> String {
         AgentOp::Dmesg => "dmesg".into(),
         AgentOp::OpenFds => "open_fds".into(),
         AgentOp::PowerOff => "power_off".into(),
+        AgentOp::VfioLowPower { device, enter } => format!(
+            "vfio_low_power device {device} {}",
+            if *enter { "entry" } else { "exit" }
+        ),
+        // iommufd and edu.
+        AgentOp::IommufdOpen => "iommufd_open".into(),
+        AgentOp::IommufdClose { iommufd } => format!("iommufd_close iommufd {iommufd}"),
+        AgentOp::VfioCdevOpen { bdf, iommufd } => {
+            format!("vfio_cdev_open {bdf} iommufd {iommufd}")
+        }
+        AgentOp::IoasAlloc { iommufd } => format!("ioas_alloc iommufd {iommufd}"),
+        AgentOp::IoasAttach { device, ioas } => format!("ioas_attach device {device} ioas {ioas}"),
+        AgentOp::IoasMapMemory {
+            iommufd,
+            ioas,
+            iova,
+            length,
+        } => format!("ioas_map_memory iommufd {iommufd} ioas {ioas} iova {iova:#x} length {length:#x}"),
+        AgentOp::IoasMapDmabuf {
+            iommufd,
+            ioas,
+            dmabuf,
+            start,
+            length,
+            iova,
+        } => format!(
+            "ioas_map_dmabuf iommufd {iommufd} ioas {ioas} dmabuf {dmabuf} start {start:#x} length {length:#x} iova {iova:#x}"
+        ),
+        AgentOp::IoasUnmap {
+            iommufd,
+            ioas,
+            iova,
+            length,
+        } => format!("ioas_unmap iommufd {iommufd} ioas {ioas} iova {iova:#x} length {length:#x}"),
+        AgentOp::IommufdDestroy { iommufd, id } => {
+            format!("iommufd_destroy iommufd {iommufd} object {id}")
+        }
+        AgentOp::DmaMemoryWrite {
+            memory,
+            offset,
+            data,
+        } => format!(
+            "dma_memory_write memory {memory} offset {offset:#x} ({} hex digits)",
+            data.len()
+        ),
+        AgentOp::DmaMemoryRead {
+            memory,
+            offset,
+            length,
+        } => format!("dma_memory_read memory {memory} offset {offset:#x} length {length}"),
+        AgentOp::DmaMemoryFree { memory } => format!("dma_memory_free memory {memory}"),
+        AgentOp::EduDma {
+            device,
+            direction,
+            iova,
+            buffer,
+            count,
+            timeout_ms,
+        } => format!(
+            "edu_dma device {device} {direction:?} iova {iova:#x} buffer {buffer:#x} count {count} timeout {timeout_ms} ms"
+        ),
         // Networking and verbs.
         AgentOp::NetUp {
             ifname,
@@ -184,6 +245,8 @@ pub fn is_chatty(op: &AgentOp) -> bool {
             | AgentOp::OpenFds
             | AgentOp::MrRead { .. }
             | AgentOp::MrWrite { .. }
+            | AgentOp::DmaMemoryRead { .. }
+            | AgentOp::DmaMemoryWrite { .. }
             | AgentOp::PostSend { .. }
             | AgentOp::PostRecv { .. }
             | AgentOp::PollCq { .. }

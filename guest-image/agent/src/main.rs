@@ -6,9 +6,12 @@
 
 mod describe;
 mod dispatch;
+mod edu;
 mod error;
 #[cfg(test)]
 mod fake;
+mod iommufd;
+mod iommufd_ops;
 mod kmsg;
 mod log;
 mod mmio;

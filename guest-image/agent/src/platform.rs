@@ -2,11 +2,12 @@
 //! loop are tested on the host with fakes; [`LinuxPlatform`] is the real thing in the guest.
 
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{AgentError, Result};
+use crate::iommufd::{Iommu, Iommufd};
 use crate::rdma::Rdma;
 use crate::sysfs::SystemPaths;
 use crate::verbs::Verbs;
@@ -23,6 +24,11 @@ pub trait Platform: Send + Sync {
     fn kmemleak(&self, command: &str) -> Result<String>;
     fn sysrq(&self, key: char) -> Result<()>;
     fn vfio_open(&self, bdf: &str) -> Result<Arc<dyn Device>>;
+    /// Opens /dev/iommu.
+    fn iommufd_open(&self) -> Result<Arc<dyn Iommu>>;
+    /// Opens `bdf` through its VFIO cdev bound to the iommufd `iommufd`; returns the device
+    /// and its iommufd device id.
+    fn vfio_cdev_open(&self, bdf: &str, iommufd: RawFd) -> Result<(Arc<dyn Device>, u32)>;
     fn dmesg(&self) -> Result<String>;
     /// Syncs and powers off; returns only when that is impossible (then the caller goes on).
     fn power_off(&self);
@@ -50,6 +56,10 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn hot_reset(&self) -> Result<Vec<String>>;
     /// VFIO_DEVICE_FEATURE GET dma-buf; the returned fd is the dma-buf.
     fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd>;
+    /// VFIO_DEVICE_FEATURE SET LOW_POWER_ENTRY (`enter`) or LOW_POWER_EXIT.
+    fn low_power(&self, enter: bool) -> Result<()>;
+    /// VFIO_DEVICE_ATTACH_IOMMUFD_PT (a device opened through its cdev).
+    fn attach_ioas(&self, ioas: u32) -> Result<()>;
 }
 
 impl Device for VfioDevice {
@@ -76,6 +86,12 @@ impl Device for VfioDevice {
     }
     fn export_dmabuf(&self, request: &DmabufRequest) -> Result<OwnedFd> {
         VfioDevice::export_dmabuf(self, request)
+    }
+    fn low_power(&self, enter: bool) -> Result<()> {
+        VfioDevice::low_power(self, enter)
+    }
+    fn attach_ioas(&self, ioas: u32) -> Result<()> {
+        VfioDevice::attach_ioas(self, ioas)
     }
 }
 
@@ -151,6 +167,16 @@ impl Platform for LinuxPlatform {
             &self.paths.dev.join("vfio/vfio"),
         )?;
         Ok(Arc::new(device))
+    }
+
+    fn iommufd_open(&self) -> Result<Arc<dyn Iommu>> {
+        Ok(Arc::new(Iommufd::open(&self.paths.dev.join("iommu"))?))
+    }
+
+    fn vfio_cdev_open(&self, bdf: &str, iommufd: RawFd) -> Result<(Arc<dyn Device>, u32)> {
+        let cdev = self.paths.vfio_cdev(bdf)?;
+        let (device, dev_id) = VfioDevice::open_cdev(bdf, &cdev, iommufd)?;
+        Ok((Arc::new(device), dev_id))
     }
 
     fn dmesg(&self) -> Result<String> {

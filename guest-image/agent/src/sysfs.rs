@@ -237,6 +237,41 @@ impl SystemPaths {
         )))
     }
 
+    /// The VFIO cdev of `bdf` (/dev/vfio/devices/vfioN), named by its vfio-dev directory in
+    /// sysfs; there only with CONFIG_VFIO_DEVICE_CDEV and the function bound to vfio-pci.
+    pub fn vfio_cdev(&self, bdf: &str) -> Result<PathBuf> {
+        let dir = self.pci_device(bdf)?.join("vfio-dev");
+        let entries = fs::read_dir(&dir).map_err(|e| {
+            AgentError::os(
+                format!(
+                    "listing {} (no VFIO cdev: is the function bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?)",
+                    dir.display()
+                ),
+                e,
+            )
+        })?;
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| {
+                name.strip_prefix("vfio")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        names.sort();
+        match names.as_slice() {
+            [name] => Ok(self.dev.join("vfio/devices").join(name)),
+            [] => Err(AgentError::NotFound(format!(
+                "{} names no vfioN device",
+                dir.display()
+            ))),
+            more => Err(AgentError::Invalid(format!(
+                "{} names several devices: {more:?}",
+                dir.display()
+            ))),
+        }
+    }
+
     /// The /dev node of the virtio-serial port called `name` (e.g. /dev/vport1p1), found by
     /// scanning /sys/class/virtio-ports/*/name since there is no udev to create by-name links.
     pub fn find_virtio_port(&self, name: &str) -> Option<PathBuf> {
@@ -503,6 +538,36 @@ mod tests {
             system.paths.vfio_group_device(3).expect("noiommu"),
             (system.paths.dev.join("vfio/noiommu-3"), true)
         );
+    }
+
+    #[test]
+    fn vfio_cdev_is_named_by_the_functions_vfio_dev_directory() {
+        let system = FakeSystem::new();
+        let dir = system.add_function("0000:03:00.0", 0x00ff00, Some("vfio-pci"));
+        assert_eq!(
+            system
+                .paths
+                .vfio_cdev("0000:03:00.0")
+                .expect_err("no vfio-dev")
+                .errno(),
+            libc::ENOENT
+        );
+        fs::create_dir_all(dir.join("vfio-dev/vfio1")).expect("mkdir");
+        fs::create_dir_all(dir.join("vfio-dev/power")).expect("mkdir");
+        assert_eq!(
+            system.paths.vfio_cdev("0000:03:00.0").expect("cdev"),
+            system.paths.dev.join("vfio/devices/vfio1")
+        );
+        fs::create_dir_all(dir.join("vfio-dev/vfio2")).expect("mkdir");
+        assert_eq!(
+            system
+                .paths
+                .vfio_cdev("0000:03:00.0")
+                .expect_err("two")
+                .errno(),
+            libc::EINVAL
+        );
+        assert!(system.paths.vfio_cdev("../../etc").is_err());
     }
 
     #[test]

@@ -1,20 +1,23 @@
-//! VFIO through the legacy container/group uAPI, in noiommu mode by default, and the two
-//! dma-buf export payloads (the seed series' and upstream's).
+//! VFIO devices, opened through the legacy container/group uAPI (noiommu mode by default) or
+//! through their cdev bound to an iommufd (the vIOMMU rig), and the two dma-buf export
+//! payloads (the seed series' and upstream's).
 //!
 //! ioctl numbers follow include/uapi/linux/vfio.h: every VFIO ioctl is _IO(VFIO_TYPE,
 //! VFIO_BASE + n); the argument size is carried in the structs' argsz, not in the number.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature, vfio_group_status, vfio_region_info, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
-    VFIO_DEVICE_FEATURE_GET, VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE,
-    VFIO_NOIOMMU_IOMMU, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
+    vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, vfio_device_feature,
+    vfio_group_status, vfio_region_info, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY,
+    VFIO_DEVICE_FEATURE_LOW_POWER_EXIT, VFIO_DEVICE_FEATURE_SET, VFIO_GROUP_FLAGS_CONTAINER_SET,
+    VFIO_GROUP_FLAGS_VIABLE, VFIO_NOIOMMU_IOMMU, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vmm_sys_util::ioctl::{
     ioctl, ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val,
@@ -41,6 +44,8 @@ ioctl_io_nr!(
 );
 ioctl_io_nr!(VFIO_DEVICE_PCI_HOT_RESET, VFIO_TYPE, VFIO_BASE + 13);
 ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE, VFIO_BASE + 17);
+ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, VFIO_BASE + 18);
+ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
 
 /// The seed series' feature number in our 6.1 port (the posting's 3 collides with 6.1's
 /// LOW_POWER_ENTRY, and 6.1 uses 0..8).
@@ -195,17 +200,29 @@ impl Drop for BarMapping {
     }
 }
 
-/// An open VFIO device with its group and container.
+/// How a device fd was obtained, which decides how a hot reset proves ownership.
+#[derive(Debug)]
+enum Opened {
+    /// Through its group (and the container the group was set into).
+    Group {
+        group: File,
+        group_id: u32,
+        _container: Option<File>,
+    },
+    /// Through its cdev, bound to an iommufd: a hot reset passes no group fds and the kernel
+    /// checks that every affected device is bound to the same iommufd.
+    Cdev,
+}
+
+/// An open VFIO device with what keeps it open.
 #[derive(Debug)]
 pub struct VfioDevice {
     bdf: String,
     // Field order is drop order: mappings first (they reference the device file), then the
-    // device, the group and the container, the reverse of opening.
+    // device, then its group and container, the reverse of opening.
     mappings: Mutex<Vec<Option<Arc<BarMapping>>>>,
     device: File,
-    group: File,
-    group_id: u32,
-    _container: Option<File>,
+    opened: Opened,
 }
 
 fn open_rw(path: &Path) -> Result<File> {
@@ -310,10 +327,84 @@ impl VfioDevice {
             bdf: bdf.to_owned(),
             mappings: Mutex::new(vec![None; VFIO_PCI_NUM_REGIONS as usize]),
             device,
-            group,
-            group_id,
-            _container: container,
+            opened: Opened::Group {
+                group,
+                group_id,
+                _container: container,
+            },
         })
+    }
+
+    /// Opens `bdf` through its cdev and binds it to `iommufd`; returns the device and the
+    /// iommufd device id (VFIO_DEVICE_BIND_IOMMUFD's out_devid).
+    pub fn open_cdev(bdf: &str, cdev: &Path, iommufd: RawFd) -> Result<(Self, u32)> {
+        let device = open_rw(cdev)?;
+        let mut bind = vfio_device_bind_iommufd {
+            argsz: std::mem::size_of::<vfio_device_bind_iommufd>() as u32,
+            iommufd,
+            ..Default::default()
+        };
+        // SAFETY: VFIO_DEVICE_BIND_IOMMUFD reads argsz bytes of `bind` and writes out_devid.
+        let ret = unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_BIND_IOMMUFD(), &mut bind) };
+        if ret < 0 {
+            return Err(AgentError::last_os(format!(
+                "VFIO_DEVICE_BIND_IOMMUFD {bdf} ({}) to iommufd fd {iommufd}",
+                cdev.display()
+            )));
+        }
+        Ok((
+            Self {
+                bdf: bdf.to_owned(),
+                mappings: Mutex::new(vec![None; VFIO_PCI_NUM_REGIONS as usize]),
+                device,
+                opened: Opened::Cdev,
+            },
+            bind.out_devid,
+        ))
+    }
+
+    /// VFIO_DEVICE_ATTACH_IOMMUFD_PT: the device's DMA goes through IOAS (or HWPT) `pt_id`.
+    pub fn attach_ioas(&self, pt_id: u32) -> Result<()> {
+        let mut attach = vfio_device_attach_iommufd_pt {
+            argsz: std::mem::size_of::<vfio_device_attach_iommufd_pt>() as u32,
+            pt_id,
+            ..Default::default()
+        };
+        // SAFETY: VFIO_DEVICE_ATTACH_IOMMUFD_PT reads argsz bytes of `attach` and writes pt_id.
+        let ret = unsafe {
+            ioctl_with_mut_ref(&self.device, VFIO_DEVICE_ATTACH_IOMMUFD_PT(), &mut attach)
+        };
+        if ret < 0 {
+            return Err(AgentError::last_os(format!(
+                "VFIO_DEVICE_ATTACH_IOMMUFD_PT {} to object {pt_id}",
+                self.bdf
+            )));
+        }
+        Ok(())
+    }
+
+    /// VFIO_DEVICE_FEATURE SET LOW_POWER_ENTRY or LOW_POWER_EXIT (no payload).
+    pub fn low_power(&self, enter: bool) -> Result<()> {
+        let feature = if enter {
+            VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY
+        } else {
+            VFIO_DEVICE_FEATURE_LOW_POWER_EXIT
+        };
+        let mut argument = vfio_device_feature {
+            argsz: std::mem::size_of::<vfio_device_feature>() as u32,
+            flags: VFIO_DEVICE_FEATURE_SET | feature,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads argsz (8) bytes of `argument`, the header alone.
+        let ret = unsafe { ioctl_with_mut_ref(&self.device, VFIO_DEVICE_FEATURE(), &mut argument) };
+        if ret < 0 {
+            return Err(AgentError::last_os(format!(
+                "VFIO_DEVICE_FEATURE SET LOW_POWER_{} on {}",
+                if enter { "ENTRY" } else { "EXIT" },
+                self.bdf
+            )));
+        }
+        Ok(())
     }
 
     pub fn region_info(&self, index: u32) -> Result<RegionInfo> {
@@ -528,13 +619,22 @@ impl VfioDevice {
     }
 
     /// VFIO_DEVICE_PCI_HOT_RESET with this device's group, the only one the agent can prove
-    /// ownership of; returns the functions reset. The kernel refuses (EINVAL) if the reset
-    /// would reach groups not passed in, and the error lists them.
+    /// ownership of, or for a cdev device with no group (ownership through its iommufd);
+    /// returns the functions reset. The kernel refuses (EINVAL) if the reset would reach
+    /// devices not owned, and the error lists them.
     pub fn hot_reset(&self) -> Result<Vec<String>> {
         let dependents = self.hot_reset_dependents()?;
         // struct vfio_pci_hot_reset {u32 argsz, flags, count; s32 group_fds[];}
-        let words: [u32; 4] = [16, 0, 1, self.group.as_raw_fd() as u32];
-        // SAFETY: the kernel reads argsz (16) bytes of `words`.
+        let (words, owner): ([u32; 4], String) = match &self.opened {
+            Opened::Group {
+                group, group_id, ..
+            } => (
+                [16, 0, 1, group.as_raw_fd() as u32],
+                format!("group {group_id} only"),
+            ),
+            Opened::Cdev => ([12, 0, 0, 0], "its iommufd".into()),
+        };
+        // SAFETY: the kernel reads argsz (16 or 12) bytes of `words`.
         let ret =
             unsafe { ioctl_with_ptr(&self.device, VFIO_DEVICE_PCI_HOT_RESET(), words.as_ptr()) };
         if ret < 0 {
@@ -543,9 +643,8 @@ impl VfioDevice {
                 .map(|(group, bdf)| format!("{bdf} (group {group})"))
                 .collect();
             return Err(AgentError::last_os(format!(
-                "VFIO_DEVICE_PCI_HOT_RESET {} with group {} only; the reset covers {}",
+                "VFIO_DEVICE_PCI_HOT_RESET {} with {owner}; the reset covers {}",
                 self.bdf,
-                self.group_id,
                 listed.join(", ")
             )));
         }
@@ -652,5 +751,7 @@ mod tests {
         assert_eq!(VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(), 0x3b70);
         assert_eq!(VFIO_DEVICE_PCI_HOT_RESET(), 0x3b71);
         assert_eq!(VFIO_DEVICE_FEATURE(), 0x3b75);
+        assert_eq!(VFIO_DEVICE_BIND_IOMMUFD(), 0x3b76);
+        assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT(), 0x3b77);
     }
 }

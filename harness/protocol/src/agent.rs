@@ -70,6 +70,20 @@ fn one_u32() -> u32 {
     1
 }
 
+/// Which way an edu DMA transfer goes (docs/specs/edu.rst, DMA command bit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EduDirection {
+    /// From the bus address into edu's buffer (a DMA read by the device).
+    IovaToEdu,
+    /// From edu's buffer to the bus address (a DMA write by the device).
+    EduToIova,
+}
+
+fn default_edu_timeout() -> u64 {
+    5000
+}
+
 /// The magic SysRq reports the harness may ask for when the guest seems stuck; each goes to
 /// the kernel log, so to the serial console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +225,99 @@ pub enum AgentOp {
     OpenFds,
     /// Flush and power the guest off. The agent answers `done` before powering off.
     PowerOff,
+    /// VFIO_DEVICE_FEATURE SET LOW_POWER_ENTRY (`enter`) or LOW_POWER_EXIT on an open device:
+    /// vfio-pci puts the function in D3hot through runtime PM and revokes its dma-bufs.
+    VfioLowPower {
+        device: u32,
+        enter: bool,
+    },
+
+    // iommufd (Linux 7.x, the vIOMMU rig): upstream's own dma-buf importer. Handles as for
+    // VFIO devices; IOAS ids are the kernel's object ids.
+    /// Open /dev/iommu; answers `iommufd`.
+    IommufdOpen,
+    /// Close an iommufd handle. Devices bound to it keep its context alive until they close.
+    IommufdClose {
+        iommufd: u32,
+    },
+    /// Open a function's VFIO cdev (/dev/vfio/devices/vfioN, from sysfs) and bind it to
+    /// `iommufd` (VFIO_DEVICE_BIND_IOMMUFD); answers `cdev_device`. The handle serves every
+    /// device op (bar_write, reset, dma-buf export, close...).
+    VfioCdevOpen {
+        bdf: String,
+        iommufd: u32,
+    },
+    /// IOMMU_IOAS_ALLOC; answers `ioas`.
+    IoasAlloc {
+        iommufd: u32,
+    },
+    /// VFIO_DEVICE_ATTACH_IOMMUFD_PT of a cdev device to an IOAS.
+    IoasAttach {
+        device: u32,
+        ioas: u32,
+    },
+    /// `length` bytes of fresh zeroed agent memory mapped read-write at `iova`
+    /// (IOMMU_IOAS_MAP, FIXED_IOVA); answers `dma_memory`.
+    IoasMapMemory {
+        iommufd: u32,
+        ioas: u32,
+        iova: u64,
+        length: u64,
+    },
+    /// IOMMU_IOAS_MAP_FILE of a dma-buf handle: [`start`, `start + length`) of the dma-buf
+    /// mapped read-write at `iova` (FIXED_IOVA).
+    IoasMapDmabuf {
+        iommufd: u32,
+        ioas: u32,
+        dmabuf: u32,
+        #[serde(default)]
+        start: u64,
+        length: u64,
+        iova: u64,
+    },
+    /// IOMMU_IOAS_UNMAP of [`iova`, `iova + length`); answers `value` with the bytes the
+    /// kernel unmapped.
+    IoasUnmap {
+        iommufd: u32,
+        ioas: u32,
+        iova: u64,
+        length: u64,
+    },
+    /// IOMMU_DESTROY of an iommufd object (an IOAS).
+    IommufdDestroy {
+        iommufd: u32,
+        id: u32,
+    },
+    /// Write bytes (hex) into agent DMA memory at `offset`.
+    DmaMemoryWrite {
+        memory: u32,
+        offset: u64,
+        data: String,
+    },
+    /// Read `length` bytes of agent DMA memory at `offset`; answers `bytes` (hex).
+    DmaMemoryRead {
+        memory: u32,
+        offset: u64,
+        length: u64,
+    },
+    /// Release agent DMA memory (iommufd keeps pages it still maps pinned).
+    DmaMemoryFree {
+        memory: u32,
+    },
+    /// One transfer of QEMU's edu device (an open VFIO device handle): `count` bytes between
+    /// the bus address `iova` and offset `buffer` of edu's 4 KiB buffer, in `direction`;
+    /// waits up to `timeout_ms` for the engine to finish (edu runs it 100 ms of virtual time
+    /// after the command). Answers `done` with the reply stamped when it finished.
+    EduDma {
+        device: u32,
+        direction: EduDirection,
+        iova: u64,
+        #[serde(default)]
+        buffer: u64,
+        count: u64,
+        #[serde(default = "default_edu_timeout")]
+        timeout_ms: u64,
+    },
 
     // Networking.
     /// Set `addr`/`prefix` (IPv4) on `ifname` and bring it up (SIOCSIFADDR, SIOCSIFNETMASK,
@@ -486,6 +593,21 @@ pub enum AgentReply {
     },
     Completions {
         completions: Vec<Completion>,
+    },
+    Iommufd {
+        iommufd: u32,
+    },
+    /// A VFIO device opened through its cdev and bound to an iommufd: the device handle and
+    /// the iommufd device id the kernel gave it.
+    CdevDevice {
+        device: u32,
+        dev_id: u32,
+    },
+    Ioas {
+        ioas: u32,
+    },
+    DmaMemory {
+        memory: u32,
     },
 }
 

@@ -6,6 +6,7 @@ pub mod client;
 pub mod console;
 pub mod paths;
 pub mod process;
+pub mod shape;
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -22,6 +23,7 @@ use p2prig_protocol::wire::ErrorReply;
 
 use crate::rig::client::LineClient;
 use crate::rig::process::{ChildGuard, Group};
+pub use crate::rig::shape::RigShape;
 
 /// How QEMU executes the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub struct RigConfig {
     pub extra_cmdline: String,
     /// QEMU's gdbstub on 127.0.0.1:PORT (`p2prig shell --gdb`).
     pub gdb_port: Option<u16>,
+    /// Which machine: without an IOMMU (the rxe scenarios) or with the vIOMMU and edu.
+    pub shape: RigShape,
 }
 
 impl RigConfig {
@@ -70,6 +74,7 @@ impl RigConfig {
             boot_timeout: Duration::from_secs(300),
             extra_cmdline: String::new(),
             gdb_port: None,
+            shape: RigShape::Switch,
         })
     }
 }
@@ -161,6 +166,8 @@ pub struct Rig {
     /// roce-target's control socket: the remote RDMA peer.
     target: LineClient,
     pub boot_time: Duration,
+    /// The machine this boot built.
+    pub shape: RigShape,
     console: PathBuf,
 }
 
@@ -175,8 +182,9 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
     };
     // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can miss
     // its ticks and panic ("IO-APIC + timer doesn't work!"); the check means nothing in a VM.
-    let mut cmdline = String::from(
-        "console=ttyS0 panic=-1 no_timer_check vfio.enable_unsafe_noiommu_mode=1 rdinit=/init",
+    let mut cmdline = format!(
+        "console=ttyS0 panic=-1 no_timer_check {} rdinit=/init",
+        cfg.shape.cmdline()
     );
     if !cfg.extra_cmdline.is_empty() {
         cmdline.push(' ');
@@ -200,7 +208,11 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
     .collect();
     args.extend([
         "-machine".into(),
-        format!("q35,accel={},memory-backend=mem", cfg.accel.name()),
+        format!(
+            "q35,accel={},memory-backend=mem{}",
+            cfg.accel.name(),
+            cfg.shape.machine_options(cfg.accel)
+        ),
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
@@ -223,6 +235,9 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         format!("file,id=console,path={}", run.file("console.log").display()),
         "-serial".into(),
         "chardev:console".into(),
+    ]);
+    args.extend(cfg.shape.leading_devices());
+    args.extend([
         "-device".into(),
         "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1".into(),
         "-device".into(),
@@ -233,6 +248,9 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "xio3130-downstream,id=dp1,bus=sw0,chassis=3,slot=0".into(),
         "-device".into(),
         vfio_user,
+    ]);
+    args.extend(cfg.shape.switch_devices());
+    args.extend([
         // rxe's netdev, next to the NVMe function behind the switch; its other end is
         // roce-target, the remote RDMA peer (vhost-user, so frames never leave the host).
         "-chardev".into(),
@@ -379,6 +397,7 @@ impl Rig {
             _nvme: nvme,
             target,
             boot_time: started.elapsed(),
+            shape: cfg.shape,
             console: console_path,
         })
     }
@@ -625,7 +644,41 @@ mod tests {
             boot_timeout: Duration::from_secs(1),
             extra_cmdline: String::new(),
             gdb_port: None,
+            shape: RigShape::Switch,
         }
+    }
+
+    #[test]
+    fn the_viommu_shape_puts_intel_iommu_before_every_pci_device_and_edu_behind_the_switch() {
+        let run = RunDir {
+            path: "/r".into(),
+            sockets: "/r".into(),
+            _short_socket_dir: None,
+        };
+        let args = qemu_args(
+            &RigConfig {
+                shape: RigShape::Viommu,
+                ..cfg(Accel::Kvm)
+            },
+            &run,
+        );
+        let at = |needle: &str| {
+            args.iter()
+                .position(|a| a.starts_with(needle))
+                .unwrap_or_else(|| panic!("no {needle} in {args:?}"))
+        };
+        assert!(at("intel-iommu,") < at("pcie-root-port,id=rp0"));
+        assert!(at("{\"driver\":\"vfio-user-pci\"") < at("edu,bus=dp2"));
+        assert!(args.iter().any(|a| a.ends_with("kernel-irqchip=split")));
+        let append = &args[at("-append") + 1];
+        assert!(
+            append.contains("intel_iommu=on") && !append.contains("noiommu"),
+            "{append}"
+        );
+        let plain = qemu_args(&cfg(Accel::Kvm), &run);
+        assert!(!plain
+            .iter()
+            .any(|a| a.contains("intel-iommu") || a.starts_with("edu")));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::build::kernel::{self, Variant};
 use crate::run::checks::CheckId;
 use crate::run::expectations::{self, Defect, Expect, Target};
-use crate::scenarios::SCENARIOS;
+use crate::scenarios::{Importer, SCENARIOS};
 
 #[derive(Debug, Serialize)]
 struct Listing {
@@ -23,6 +23,7 @@ struct ScenarioEntry {
     name: &'static str,
     summary: &'static str,
     needs_debug: bool,
+    importer: Importer,
     expectations: Vec<ExpectationEntry>,
 }
 
@@ -49,6 +50,7 @@ fn listing() -> Result<Listing> {
             name: s.name,
             summary: s.summary,
             needs_debug: s.needs_debug,
+            importer: s.importer,
             expectations: flavors
                 .iter()
                 .flat_map(|flavor| {
@@ -91,9 +93,9 @@ pub fn print(json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&listing)?);
         return Ok(());
     }
-    println!("scenarios:");
+    println!("scenarios (importer: rxe, iommufd, or - for none):");
     for s in &listing.scenarios {
-        println!("  {:<24} {}", s.name, s.summary);
+        println!("  {:<24} {:<8} {}", s.name, s.importer.name(), s.summary);
         for pair in s.expectations.chunks(2) {
             let [tiny, debug] = pair else { continue };
             if let Expect::Fail(why) = tiny.expect {

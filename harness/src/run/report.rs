@@ -121,6 +121,9 @@ impl ScenarioResult {
 pub struct Boot {
     pub flavor: String,
     pub accel: String,
+    /// The machine booted (`switch` or `viommu`); older results have none.
+    #[serde(default)]
+    pub shape: crate::rig::RigShape,
     pub ok: bool,
     #[serde(serialize_with = "secs", deserialize_with = "from_secs")]
     pub to_agent_ready: Duration,
@@ -430,6 +433,7 @@ pub(crate) mod tests {
         r.boots.push(Boot {
             flavor: "v1:tiny".into(),
             accel: "tcg".into(),
+            shape: crate::rig::RigShape::Switch,
             ok: true,
             to_agent_ready: Duration::from_secs(3),
             run_dir: PathBuf::from("/r"),

@@ -10,10 +10,11 @@ use crate::build::cache::Cache;
 use crate::build::kernel::{self, KernelChoice};
 use crate::rig::console;
 use crate::rig::process;
-use crate::rig::{Rig, RigConfig, RunDir};
+use crate::rig::{Rig, RigConfig, RigShape, RunDir};
 use crate::run::checks::{self, CheckId};
 use crate::run::report::{Boot, RunReport, ScenarioResult, ShardOf, Suite};
 use crate::scenarios::{self, Scenario, ScenarioEnv, Target, Verdict};
+use p2prig_protocol::agent::DmabufUapi;
 
 #[derive(Debug)]
 pub struct RunPlan {
@@ -143,7 +144,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
         let flavor_dir = top.subdir(&spec.dir_name())?;
         let mut rig: Option<(Rig, RunDir)> = None;
         let mut boots = 0;
-        let mut boot_failure: Option<String> = None;
+        let mut boot_failure: Option<(RigShape, String)> = None;
         for scenario in scenarios {
             index += 1;
             println!(
@@ -178,12 +179,38 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                 report.results.push(result);
                 continue;
             }
+            let shape = scenario.importer.shape();
+            if shape == RigShape::Viommu && env.uapi != DmabufUapi::Upstream {
+                result.note = "needs Linux 7.x: iommufd imports a dma-buf (IOMMU_IOAS_MAP_FILE) \
+                               only since 6.13, and this kernel's exporter is the seed's"
+                    .into();
+                println!("    skipped: {}", result.note);
+                report.results.push(result);
+                continue;
+            }
+            // The scenarios of one shape run in one boot; another shape reboots.
+            if rig.as_ref().is_some_and(|(r, _)| r.shape != shape) {
+                if let Some((r, _)) = rig.take() {
+                    r.shutdown()?;
+                }
+            }
+            if boot_failure
+                .as_ref()
+                .is_some_and(|(failed, _)| *failed != shape)
+            {
+                boot_failure = None;
+            }
             if rig.is_none() && boot_failure.is_none() {
                 boots += 1;
                 let dir = flavor_dir.subdir(&format!("boot-{boots}"))?;
+                let cfg = RigConfig {
+                    shape,
+                    ..cfg.clone()
+                };
                 println!(
-                    "    booting {spec} under {} (run directory {})",
+                    "    booting {spec} under {}, {} shape (run directory {})",
                     cfg.accel.name(),
+                    shape.name(),
                     dir.path.display()
                 );
                 let boot_started = Instant::now();
@@ -207,7 +234,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                             boot_started.elapsed(),
                             &dir,
                         ));
-                        boot_failure = Some(format!("boot failed: {e:#}"));
+                        boot_failure = Some((shape, format!("boot failed: {e:#}")));
                     }
                 }
             }
@@ -250,7 +277,10 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                     }
                 }
                 None => {
-                    let why = boot_failure.clone().unwrap_or_default();
+                    let why = boot_failure
+                        .as_ref()
+                        .map(|(_, why)| why.clone())
+                        .unwrap_or_default();
                     suite.record(checks::BOOT, false, why, Duration::ZERO);
                 }
             }
@@ -304,6 +334,7 @@ fn boot_record(
     Boot {
         flavor: spec.to_string(),
         accel: cfg.accel.name().to_string(),
+        shape: cfg.shape,
         ok,
         to_agent_ready: took,
         run_dir: dir.path.clone(),

@@ -6,6 +6,8 @@ pub mod cmb;
 pub mod device_identity;
 pub mod doorbell;
 pub mod export_args;
+pub mod iommufd;
+pub mod iommufd_revoke;
 pub mod late_responses;
 pub mod map_leak;
 pub mod oracles;
@@ -16,13 +18,14 @@ pub mod revoke;
 pub mod smoke;
 pub mod steps;
 pub mod stray_command;
+pub mod windows;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
 use p2prig_protocol::agent::DmabufUapi;
 
-use crate::rig::Rig;
+use crate::rig::{Rig, RigShape};
 use crate::run::checks::CheckId;
 use crate::run::report::Suite;
 
@@ -52,7 +55,39 @@ pub struct Scenario {
     pub summary: &'static str,
     /// Runs only on debug kernels (KASAN, kmemleak, lockdep); skipped elsewhere.
     pub needs_debug: bool,
+    /// Whose dma-buf import the scenario exercises; it decides the machine it boots.
+    pub importer: Importer,
     pub run: RunFn,
+}
+
+/// The dma-buf importer a scenario drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Importer {
+    /// None: the exporter alone, the device or plain verbs.
+    None,
+    /// p2prig's rxe importer (ibv_reg_dmabuf_mr), in kernel-patches/rxe-dmabuf-*.
+    Rxe,
+    /// Linux 7.x's iommufd (IOMMU_IOAS_MAP_FILE), reached through the vIOMMU by edu's DMA.
+    Iommufd,
+}
+
+impl Importer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Importer::None => "-",
+            Importer::Rxe => "rxe",
+            Importer::Iommufd => "iommufd",
+        }
+    }
+
+    /// The machine the importer needs (rig/shape.rs says why one boot cannot host both).
+    pub fn shape(self) -> RigShape {
+        match self {
+            Importer::Iommufd => RigShape::Viommu,
+            Importer::None | Importer::Rxe => RigShape::Switch,
+        }
+    }
 }
 
 /// Every scenario, in the order a run executes them.
@@ -63,6 +98,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   (BAR2 0x1000, 8 KiB) exports as an 8192-byte dma-buf; debug builds start KASAN \
                   and kmemleak; no kernel report since boot",
         needs_debug: false,
+        importer: Importer::None,
         run: crate::scenarios::boot_check::run,
     },
     Scenario {
@@ -70,6 +106,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "BAR0's doorbell page exports as a 4096-byte dma-buf, an unaligned slice is \
                   EINVAL, a guest write of 5 to SQ0TDBL lands exactly once in nvme-cmb",
         needs_debug: false,
+        importer: Importer::None,
         run: crate::scenarios::smoke::run,
     },
     Scenario {
@@ -77,6 +114,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "the guest sees nvme-cmb's class code, 64-bit BARs, CMB registers naming BAR2 \
                   and FLR among its reset methods; a sysfs reset reaches the device as an FLR",
         needs_debug: false,
+        importer: Importer::None,
         run: crate::scenarios::device_identity::run,
     },
     Scenario {
@@ -84,6 +122,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "whole BARs and page-aligned slices export with the requested size; unaligned, \
                   out-of-range, overflowing, ROM/config/absent-BAR and zero-length arguments give EINVAL",
         needs_debug: false,
+        importer: Importer::None,
         run: crate::scenarios::export_args::run,
     },
     Scenario {
@@ -91,6 +130,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "rxe imports BAR0's doorbell page as a dma-buf MR; an 8-byte RDMA WRITE of 7 at \
                   SQ1TDBL from a loopback QP lands as exactly that write in nvme-cmb",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::doorbell::run_doorbell,
     },
     Scenario {
@@ -100,6 +140,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   pci_p2pdma's whitelist, joins them) is refused as unsupported (EOPNOTSUPP at \
                   attach, or EINVAL from 7.3's map), without a BAR access",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::p2p_path::run,
     },
     Scenario {
@@ -107,6 +148,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "a write at offset k of a CMB-slice MR (BAR2 0x1000, 8 KiB) lands at BAR2 \
                   0x1000 + k in nvme-cmb, and nowhere else",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::cmb::run_slice_routing,
     },
     Scenario {
@@ -114,6 +156,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "RDMA READ of a CMB-slice MR returns the pattern nvme-cmb filled; an RDMA WRITE \
                   into it shows up in the device's CMB, byte-exact",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::cmb::run_cmb_roundtrip,
     },
     Scenario {
@@ -121,6 +164,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "setting bus-master in PCI_COMMAND (decode stays on) does not disturb a live \
                   importer: its next write lands",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::stray_command::run_stray_command_write,
     },
     Scenario {
@@ -128,6 +172,7 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "roce-target, the remote RDMA peer, writes 7 (8 bytes) over RoCEv2 into the \
                   guest's dma-buf MR at SQ1TDBL; nvme-cmb logs exactly that doorbell write",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::remote::run_remote_doorbell,
     },
     Scenario {
@@ -136,6 +181,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   receive; a WRITE with a deregistered rkey is NAKed 0x62 and errors its QP; the \
                   capture decodes with tshark",
         needs_debug: false,
+        importer: Importer::None,
         run: crate::scenarios::remote::run_remote_verbs,
     },
     Scenario {
@@ -143,12 +189,14 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "a write posted into the MR while VFIO_DEVICE_RESET is held open gets a remote \
                   access error and never reaches the device; after the reset a new QP's write lands",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::revoke::run_revoke_on_vfio_reset,
     },
     Scenario {
         name: "revoke-on-flr",
         summary: "the same with an FLR initiated through the PCIe Device Control register",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::revoke::run_revoke_on_flr,
     },
     Scenario {
@@ -156,19 +204,30 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "the same with VFIO_DEVICE_PCI_HOT_RESET (secondary bus reset at the switch's \
                   downstream port)",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::revoke::run_revoke_on_hot_reset,
     },
     Scenario {
         name: "revoke-on-mem-disable",
         summary: "the same with PCI_COMMAND memory decode cleared, then set again",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::revoke::run_revoke_on_mem_disable,
     },
     Scenario {
         name: "revoke-on-d3",
         summary: "the same with PMCSR D3hot, then D0",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::revoke::run_revoke_on_d3,
+    },
+    Scenario {
+        name: "revoke-on-low-power",
+        summary: "the same with VFIO's LOW_POWER_ENTRY (runtime PM takes the function to D3hot), \
+                  then LOW_POWER_EXIT",
+        needs_debug: false,
+        importer: Importer::Rxe,
+        run: crate::scenarios::revoke::run_revoke_on_low_power,
     },
     Scenario {
         name: "revoke-on-close",
@@ -176,6 +235,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   gets a remote access error, nothing reaches the device, the MR deregisters \
                   cleanly and the console stays free of oopses",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::revoke::run_revoke_on_close,
     },
     Scenario {
@@ -185,6 +245,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   reach the QP in error, which stays there and completes nothing more; the \
                   console stays clean (rxe's completer drops them)",
         needs_debug: false,
+        importer: Importer::None,
         run: crate::scenarios::late_responses::run,
     },
     Scenario {
@@ -195,6 +256,7 @@ pub const SCENARIOS: &[Scenario] = &[
                   operation's measured duration: every call succeeds, no BAR access, no kernel \
                   report, and a new MR works afterwards",
         needs_debug: false,
+        importer: Importer::Rxe,
         run: crate::scenarios::races::run,
     },
     Scenario {
@@ -203,7 +265,78 @@ pub const SCENARIOS: &[Scenario] = &[
                   page and 16 revoke/re-map cycles (decode off/on) of a registered one, which \
                   then still works; a kmemleak scan finds nothing (debug variant only)",
         needs_debug: true,
+        importer: Importer::Rxe,
         run: crate::scenarios::map_leak::run_map_leak,
+    },
+    Scenario {
+        name: "iommufd-doorbell",
+        summary: "iommufd maps BAR0's doorbell page (IOMMU_IOAS_MAP_FILE of the dma-buf) into an IOAS edu is attached to; edu's 8-byte DMA of 7 to its IOVA + 8 is exactly that write at SQ1TDBL in nvme-cmb, and no DMAR fault",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd::run_doorbell,
+    },
+    Scenario {
+        name: "iommufd-cmb",
+        summary: "4 KiB through edu into a CMB-slice mapping (BAR2 0x1000) shows up in the device's CMB byte-exact; edu's read of the slice returns the device's pattern into agent memory",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd::run_cmb,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-vfio-reset",
+        summary: "VFIO_DEVICE_RESET held open: while the window is held open, edu's DMA to the doorbell page's IOVA reaches nothing and the vIOMMU faults it; after the restore the old mapping stays dead, and unmap plus a fresh IOMMU_IOAS_MAP_FILE lands again",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_vfio_reset,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-flr",
+        summary: "an FLR through Device Control, held open: while the window is held open, edu's DMA to the doorbell page's IOVA reaches nothing and the vIOMMU faults it; after the restore the old mapping stays dead, and unmap plus a fresh IOMMU_IOAS_MAP_FILE lands again",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_flr,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-hot-reset",
+        summary: "VFIO_DEVICE_PCI_HOT_RESET (QEMU stops the guest during the bus reset, so only the after-restore checks apply): while the window is held open, edu's DMA to the doorbell page's IOVA reaches nothing and the vIOMMU faults it; after the restore the old mapping stays dead, and unmap plus a fresh IOMMU_IOAS_MAP_FILE lands again",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_hot_reset,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-mem-disable",
+        summary: "PCI_COMMAND memory decode off, then on: while the window is held open, edu's DMA to the doorbell page's IOVA reaches nothing and the vIOMMU faults it; after the restore the old mapping stays dead, and unmap plus a fresh IOMMU_IOAS_MAP_FILE lands again",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_mem_disable,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-d3",
+        summary: "PMCSR D3hot, then D0: while the window is held open, edu's DMA to the doorbell page's IOVA reaches nothing and the vIOMMU faults it; after the restore the old mapping stays dead, and unmap plus a fresh IOMMU_IOAS_MAP_FILE lands again",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_d3,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-low-power",
+        summary: "VFIO LOW_POWER_ENTRY, then EXIT: while the window is held open, edu's DMA to the doorbell page's IOVA reaches nothing and the vIOMMU faults it; after the restore the old mapping stays dead, and unmap plus a fresh IOMMU_IOAS_MAP_FILE lands again",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_low_power,
+    },
+    Scenario {
+        name: "iommufd-revoke-on-close",
+        summary: "closing nvme-cmb's VFIO cdev with the dma-buf mapped: edu's next DMA reaches nothing and faults; the dead area unmaps, and a new IOMMU_IOAS_MAP_FILE of the dma-buf is refused with ENODEV",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd_revoke::run_on_close,
+    },
+    Scenario {
+        name: "iommufd-map-while-revoked",
+        summary: "IOMMU_IOAS_MAP_FILE of a dma-buf whose function has memory decode off, or is held in a VFIO reset, fails with ENODEV; after the restore it maps and edu's write lands",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd::run_map_while_revoked,
     },
 ];
 

@@ -1,13 +1,13 @@
-//! The revoke windows (VFIO reset, FLR, hot reset, decode off, D3hot, close): a write posted
+//! The revoke windows (VFIO reset, FLR, hot reset, decode off, D3hot, low power, close)
+//! through rxe's importer: a write posted
 //! into the MR while the window is held open, by a loopback QP and by roce-target, must be
 //! refused and reach nothing; after the window the same MR works again.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use p2prig_protocol::agent::{AgentOp, SendOpcode};
-use p2prig_protocol::device::{DeviceOp, DeviceReply, EventFilter};
 use p2prig_protocol::event::{Access as BarAccess, Event, EventKind};
 use p2prig_protocol::target::TargetOp;
 
@@ -18,33 +18,7 @@ use crate::scenarios::ScenarioEnv;
 
 use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
-
-/// How a revoke window is opened and closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Window {
-    /// VFIO_DEVICE_RESET, held open by nvme-cmb's reset duration.
-    VfioReset,
-    /// Initiate FLR in the PCIe Device Control register, written through VFIO's config region.
-    ConfigFlr,
-    /// VFIO_DEVICE_PCI_HOT_RESET: a secondary bus reset through the switch's downstream port.
-    HotReset,
-    /// PCI_COMMAND memory decode cleared, then set again.
-    MemoryDecodeOff,
-    /// PMCSR PowerState D3hot, then D0.
-    D3Hot,
-    /// The VFIO device fd closed while the dma-buf and its MR stay; no restore.
-    DeviceClose,
-}
-
-impl Window {
-    /// Reset-like windows: the device holds the reset while the request is in flight.
-    fn is_reset(self) -> bool {
-        matches!(
-            self,
-            Window::VfioReset | Window::ConfigFlr | Window::HotReset
-        )
-    }
-}
+use crate::scenarios::windows::{close_window, open_window, window_end_ns, Window};
 
 /// One entry point per window: the scenario registry holds plain fn pointers.
 macro_rules! window_scenarios {
@@ -61,89 +35,8 @@ window_scenarios! {
     run_revoke_on_hot_reset => Window::HotReset,
     run_revoke_on_mem_disable => Window::MemoryDecodeOff,
     run_revoke_on_d3 => Window::D3Hot,
+    run_revoke_on_low_power => Window::LowPower,
     run_revoke_on_close => Window::DeviceClose,
-}
-
-/// Opens the window; returns the id of a request still in flight (a held reset).
-fn open_window(rig: &mut Rig, device: u32, window: Window, since: u64) -> Result<Option<u64>> {
-    let request = match window {
-        Window::VfioReset => Some(AgentOp::VfioReset { device }),
-        Window::HotReset => Some(AgentOp::VfioHotReset { device }),
-        Window::ConfigFlr => {
-            let pcie = find_capability(rig, device, 0x10)?;
-            let devctl = config_read(rig, device, pcie + 8, 2)?;
-            // PCIe 6.1 7.5.3.4: Device Control bit 15, Initiate Function Level Reset.
-            Some(AgentOp::ConfigWrite {
-                device,
-                offset: pcie + 8,
-                width: 2,
-                value: devctl | 0x8000,
-            })
-        }
-        Window::MemoryDecodeOff => {
-            clear_memory_decode(rig, device)?;
-            None
-        }
-        Window::D3Hot => {
-            let pm = find_capability(rig, device, 0x01)?;
-            let pmcsr = config_read(rig, device, pm + 4, 2)?;
-            config_write(rig, device, pm + 4, 2, (pmcsr & !0x3) | 0x3, "PMCSR D3hot")?;
-            None
-        }
-        Window::DeviceClose => {
-            ok(
-                rig.agent_call(AgentOp::VfioClose { device }, RPC)?,
-                "close the VFIO device",
-            )?;
-            None
-        }
-    };
-    let Some(op) = request else { return Ok(None) };
-    expect_done(rig.device_call(DeviceOp::SetResetDuration {
-        ms: RESET_WINDOW_MS,
-    })?)?;
-    let id = rig.agent_start(op)?;
-    let filter = EventFilter {
-        kind: Some("reset_start".into()),
-        ..EventFilter::default()
-    };
-    match rig.device_call(DeviceOp::WaitFor {
-        filter,
-        since: Some(since),
-        timeout_ms: 5000,
-    })? {
-        DeviceReply::WaitResult { event: Some(_), .. } => Ok(Some(id)),
-        other => bail!("the device never entered reset after {window:?}: {other:?}"),
-    }
-}
-
-/// Closes the window; returns when (guest CLOCK_MONOTONIC) a held request returned.
-fn close_window(
-    rig: &mut Rig,
-    device: u32,
-    window: Window,
-    request: Option<u64>,
-) -> Result<Option<u64>> {
-    let mut returned_ns = None;
-    if let Some(id) = request {
-        let (reply, done_ns) = rig.agent_finish_stamped(id, RPC)?;
-        ok(reply, &format!("{window:?}"))?;
-        returned_ns = done_ns;
-        expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
-    }
-    match window {
-        Window::MemoryDecodeOff => {
-            let command = config_read(rig, device, 4, 2)?;
-            config_write(rig, device, 4, 2, command | 0x2, "set PCI_COMMAND memory")?;
-        }
-        Window::D3Hot => {
-            let pm = find_capability(rig, device, 0x01)?;
-            let pmcsr = config_read(rig, device, pm + 4, 2)?;
-            config_write(rig, device, pm + 4, 2, pmcsr & !0x3, "PMCSR D0")?;
-        }
-        _ => {}
-    }
-    Ok(returned_ns)
 }
 
 fn revoke_window(
@@ -300,16 +193,4 @@ fn revoke_window(
     );
     let _ = target_call(rig, TargetOp::DestroyQp { qpn: target_qpn });
     Ok(())
-}
-
-fn window_end_ns(events: &[Event], window: Window) -> Option<u64> {
-    events
-        .iter()
-        .find(|e| match (&e.kind, window) {
-            (EventKind::ResetEnd { .. }, w) => w.is_reset(),
-            (EventKind::Decode { enabled: true }, w) => w == Window::MemoryDecodeOff,
-            (EventKind::PowerState { state: 0 }, w) => w == Window::D3Hot,
-            _ => false,
-        })
-        .map(|e| e.mono_ns)
 }

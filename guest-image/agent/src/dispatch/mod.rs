@@ -15,6 +15,7 @@ use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_
 
 use crate::describe::describe;
 use crate::error::{AgentError, Result};
+use crate::iommufd::{DmaMemory, Iommu};
 use crate::platform::{Device, Platform};
 use crate::vfio::{DmabufRequest, RegionInfo};
 
@@ -68,6 +69,8 @@ pub struct Agent<P> {
     pub(crate) platform: P,
     devices: Mutex<HandleTable<Arc<dyn Device>>>,
     pub(crate) dmabufs: Mutex<HandleTable<OwnedFd>>,
+    pub(crate) iommufds: Mutex<HandleTable<Arc<dyn Iommu>>>,
+    pub(crate) dma_memory: Mutex<HandleTable<Arc<DmaMemory>>>,
 }
 
 impl<P: std::fmt::Debug> std::fmt::Debug for Agent<P> {
@@ -76,6 +79,8 @@ impl<P: std::fmt::Debug> std::fmt::Debug for Agent<P> {
             .field("platform", &self.platform)
             .field("devices", &lock(&self.devices).entries.len())
             .field("dmabufs", &lock(&self.dmabufs).entries.len())
+            .field("iommufds", &lock(&self.iommufds).entries.len())
+            .field("dma_memory", &lock(&self.dma_memory).entries.len())
             .finish()
     }
 }
@@ -123,6 +128,8 @@ impl<P: Platform> Agent<P> {
             platform,
             devices: Mutex::new(HandleTable::new()),
             dmabufs: Mutex::new(HandleTable::new()),
+            iommufds: Mutex::new(HandleTable::new()),
+            dma_memory: Mutex::new(HandleTable::new()),
         }
     }
 
@@ -149,7 +156,11 @@ impl<P: Platform> Agent<P> {
         }
     }
 
-    fn device(&self, device: u32) -> Result<Arc<dyn Device>> {
+    pub(crate) fn insert_device(&self, device: Arc<dyn Device>) -> u32 {
+        lock(&self.devices).insert(device)
+    }
+
+    pub(crate) fn device(&self, device: u32) -> Result<Arc<dyn Device>> {
         lock(&self.devices)
             .entries
             .get(&device)
@@ -159,7 +170,7 @@ impl<P: Platform> Agent<P> {
             })
     }
 
-    fn bar_region(device: &dyn Device, bar: u32) -> Result<RegionInfo> {
+    pub(crate) fn bar_region(device: &dyn Device, bar: u32) -> Result<RegionInfo> {
         if bar > VFIO_PCI_BAR5_REGION_INDEX {
             return Err(AgentError::Invalid(format!(
                 "{bar} is not a BAR number (0-5)"
@@ -218,8 +229,9 @@ impl<P: Platform> Agent<P> {
             }
             AgentOp::VfioOpen { bdf } => {
                 let device = self.platform.vfio_open(bdf)?;
-                let handle = lock(&self.devices).insert(device);
-                Ok(AgentReply::Device { device: handle })
+                Ok(AgentReply::Device {
+                    device: self.insert_device(device),
+                })
             }
             AgentOp::VfioClose { device } => {
                 let removed = lock(&self.devices).entries.remove(device);
@@ -353,6 +365,53 @@ impl<P: Platform> Agent<P> {
             }
             // The RPC loop powers off after the reply has gone out.
             AgentOp::PowerOff => Ok(AgentReply::Done),
+            // iommufd, VFIO cdev, low power and edu: iommufd_ops.
+            AgentOp::VfioLowPower { device, enter } => self.vfio_low_power(*device, *enter),
+            AgentOp::IommufdOpen => self.iommufd_open(),
+            AgentOp::IommufdClose { iommufd } => self.iommufd_close(*iommufd),
+            AgentOp::VfioCdevOpen { bdf, iommufd } => self.vfio_cdev_open(bdf, *iommufd),
+            AgentOp::IoasAlloc { iommufd } => self.ioas_alloc(*iommufd),
+            AgentOp::IoasAttach { device, ioas } => self.ioas_attach(*device, *ioas),
+            AgentOp::IoasMapMemory {
+                iommufd,
+                ioas,
+                iova,
+                length,
+            } => self.ioas_map_memory(*iommufd, *ioas, *iova, *length),
+            AgentOp::IoasMapDmabuf {
+                iommufd,
+                ioas,
+                dmabuf,
+                start,
+                length,
+                iova,
+            } => self.ioas_map_dmabuf(*iommufd, *ioas, *dmabuf, *start, *length, *iova),
+            AgentOp::IoasUnmap {
+                iommufd,
+                ioas,
+                iova,
+                length,
+            } => self.ioas_unmap(*iommufd, *ioas, *iova, *length),
+            AgentOp::IommufdDestroy { iommufd, id } => self.iommufd_destroy(*iommufd, *id),
+            AgentOp::DmaMemoryWrite {
+                memory,
+                offset,
+                data,
+            } => self.dma_memory_write(*memory, *offset, data),
+            AgentOp::DmaMemoryRead {
+                memory,
+                offset,
+                length,
+            } => self.dma_memory_read(*memory, *offset, *length),
+            AgentOp::DmaMemoryFree { memory } => self.dma_memory_free(*memory),
+            AgentOp::EduDma {
+                device,
+                direction,
+                iova,
+                buffer,
+                count,
+                timeout_ms,
+            } => self.edu_dma(*device, *direction, *iova, *buffer, *count, *timeout_ms),
             // Networking and verbs: rdma_ops checks the arguments, then calls the platform.
             AgentOp::NetUp {
                 ifname,

@@ -3,7 +3,7 @@
 //! unwrap its reply.
 
 use std::collections::BTreeMap;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,8 +17,10 @@ use crate::error::{AgentError, Result};
 use crate::platform::{Device, Platform};
 use crate::vfio::{DmabufRequest, RegionInfo};
 
+mod iommu;
 mod rdma;
 
+pub use iommu::{FakeIommu, Mapped};
 pub use rdma::FakeRdma;
 
 /// The reply of an operation that must succeed.
@@ -45,6 +47,10 @@ pub struct FakeDevice {
     /// errno the next export fails with, if any.
     pub export_errno: Mutex<Option<i32>>,
     pub resets: Mutex<u32>,
+    /// Low-power entries (true) and exits (false), in order.
+    pub low_power: Mutex<Vec<bool>>,
+    /// The IOAS the device was attached to.
+    pub attached: Mutex<Option<u32>>,
 }
 
 impl FakeDevice {
@@ -141,6 +147,14 @@ impl Device for FakeDevice {
             .map_err(|e| AgentError::os("set_len", e))?;
         Ok(file.into())
     }
+    fn low_power(&self, enter: bool) -> Result<()> {
+        lock(&self.low_power).push(enter);
+        Ok(())
+    }
+    fn attach_ioas(&self, ioas: u32) -> Result<()> {
+        *lock(&self.attached) = Some(ioas);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +168,8 @@ pub struct FakePlatform {
     /// slow request does not hold up the next one.
     pub find_pci_waits_for_hello: AtomicBool,
     pub hello_seen: (Mutex<bool>, std::sync::Condvar),
+    /// Every iommufd opened, in order.
+    pub iommus: Mutex<Vec<Arc<FakeIommu>>>,
 }
 
 impl FakePlatform {
@@ -218,6 +234,15 @@ impl Platform for FakePlatform {
             .get(bdf)
             .map(|device| Arc::clone(device) as Arc<dyn Device>)
             .ok_or_else(|| AgentError::NotFound(format!("no PCI function {bdf}")))
+    }
+    fn iommufd_open(&self) -> Result<Arc<dyn crate::iommufd::Iommu>> {
+        let iommu = Arc::new(FakeIommu::default());
+        lock(&self.iommus).push(Arc::clone(&iommu));
+        Ok(iommu)
+    }
+    fn vfio_cdev_open(&self, bdf: &str, _iommufd: RawFd) -> Result<(Arc<dyn Device>, u32)> {
+        let device = self.vfio_open(bdf)?;
+        Ok((device, 0x10))
     }
     fn dmesg(&self) -> Result<String> {
         Ok("[    0.000000] Linux version 6.1.0-fake\n".into())

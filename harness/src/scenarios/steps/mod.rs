@@ -12,11 +12,13 @@ use p2prig_protocol::device::DeviceReply;
 use crate::rig::Rig;
 
 pub(crate) mod device;
+pub(crate) mod iommufd;
 pub(crate) mod target;
 pub(crate) mod verbs;
 pub(crate) mod vfio;
 
 pub(crate) use device::*;
+pub(crate) use iommufd::*;
 pub(crate) use target::*;
 pub(crate) use verbs::*;
 pub(crate) use vfio::*;

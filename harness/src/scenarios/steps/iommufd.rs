@@ -1,0 +1,329 @@
+//! iommufd in the guest through the agent (the vIOMMU rig): nvme-cmb and edu opened through
+//! their VFIO cdevs and bound to one iommufd, one IOAS both are attached to, agent memory and
+//! dma-bufs mapped into it, edu's DMA between them, and the DMAR faults the guest logs.
+
+use anyhow::{bail, Context, Result};
+
+use p2prig_protocol::agent::{AgentOp, AgentReply, DmabufUapi, EduDirection};
+
+use crate::rig::Rig;
+
+use super::*;
+
+/// edu's class code (PCI_CLASS_OTHERS, hw/misc/edu.c).
+pub(crate) const EDU_CLASS: u32 = 0x00ff00;
+/// Where the agent's memory sits in the IOAS: two pages, edu's source and destination.
+pub(crate) const MEMORY_IOVA: u64 = 0x10_0000;
+pub(crate) const MEMORY_LENGTH: u64 = 2 * PAGE;
+/// Where a dma-buf is mapped; below edu's 28-bit DMA mask like every IOVA here.
+pub(crate) const DMABUF_IOVA: u64 = 0x20_0000;
+
+/// The vIOMMU rig's objects for one scenario.
+#[derive(Debug, Clone)]
+pub(crate) struct IommufdRig {
+    pub(crate) iommufd: u32,
+    pub(crate) ioas: u32,
+    /// nvme-cmb through its cdev.
+    pub(crate) nvme: u32,
+    pub(crate) edu: u32,
+    pub(crate) edu_bdf: String,
+    /// [`MEMORY_LENGTH`] bytes of agent memory at [`MEMORY_IOVA`].
+    pub(crate) memory: u32,
+}
+
+fn find_one(rig: &mut Rig, class: u32, what: &str) -> Result<String> {
+    let functions = match rig.agent_call(AgentOp::FindPci { class }, RPC)? {
+        Ok(AgentReply::Pci { functions }) => functions,
+        other => bail!("find_pci {class:#08x}: {other:?}"),
+    };
+    match functions.as_slice() {
+        [bdf] => Ok(bdf.clone()),
+        _ => bail!(
+            "expected exactly one {what} (class {class:#08x}) in the guest, found {functions:?}: \
+             is this the vIOMMU rig?"
+        ),
+    }
+}
+
+fn open_cdev(rig: &mut Rig, held: &mut Held, bdf: &str, iommufd: u32) -> Result<u32> {
+    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.into() }, RPC)? {
+        bail!("binding {bdf} to vfio-pci: {e}");
+    }
+    let op = AgentOp::VfioCdevOpen {
+        bdf: bdf.into(),
+        iommufd,
+    };
+    match ok(
+        rig.agent_call(op, RPC)?,
+        &format!("open {bdf} through its cdev"),
+    )? {
+        AgentReply::CdevDevice { device, .. } => {
+            held.push(AgentOp::VfioClose { device });
+            Ok(device)
+        }
+        other => bail!("vfio_cdev_open {bdf}: unexpected {other:?}"),
+    }
+}
+
+/// Opens nvme-cmb and edu through iommufd, attaches both to a new IOAS, turns on edu's bus
+/// mastering (without it edu's DMA does nothing) and maps agent memory at [`MEMORY_IOVA`].
+pub(crate) fn iommufd_rig(rig: &mut Rig, held: &mut Held) -> Result<IommufdRig> {
+    let nvme_bdf = find_one(rig, NVME_CLASS, "NVMe function")?;
+    let edu_bdf = find_one(rig, EDU_CLASS, "edu device")?;
+    let iommufd = match ok(
+        rig.agent_call(AgentOp::IommufdOpen, RPC)?,
+        "open /dev/iommu",
+    )? {
+        AgentReply::Iommufd { iommufd } => iommufd,
+        other => bail!("iommufd_open: unexpected {other:?}"),
+    };
+    // Released last: closing it frees whatever the scenario left in it.
+    held.push(AgentOp::IommufdClose { iommufd });
+    let nvme = open_cdev(rig, held, &nvme_bdf, iommufd)?;
+    let edu = open_cdev(rig, held, &edu_bdf, iommufd)?;
+    let ioas = match ok(rig.agent_call(AgentOp::IoasAlloc { iommufd }, RPC)?, "IOAS")? {
+        AgentReply::Ioas { ioas } => ioas,
+        other => bail!("ioas_alloc: unexpected {other:?}"),
+    };
+    for (device, bdf) in [(nvme, &nvme_bdf), (edu, &edu_bdf)] {
+        ok(
+            rig.agent_call(AgentOp::IoasAttach { device, ioas }, RPC)?,
+            &format!("attach {bdf} to IOAS {ioas}"),
+        )?;
+    }
+    let command = config_read(rig, edu, 4, 2)?;
+    config_write(
+        rig,
+        edu,
+        4,
+        2,
+        command | 0x6,
+        "edu PCI_COMMAND memory + bus master",
+    )?;
+    let op = AgentOp::IoasMapMemory {
+        iommufd,
+        ioas,
+        iova: MEMORY_IOVA,
+        length: MEMORY_LENGTH,
+    };
+    let memory = match ok(rig.agent_call(op, RPC)?, "map agent memory")? {
+        AgentReply::DmaMemory { memory } => memory,
+        other => bail!("ioas_map_memory: unexpected {other:?}"),
+    };
+    held.push(AgentOp::DmaMemoryFree { memory });
+    Ok(IommufdRig {
+        iommufd,
+        ioas,
+        nvme,
+        edu,
+        edu_bdf,
+        memory,
+    })
+}
+
+/// Exports (bar, offset, length) of nvme-cmb with upstream's uAPI (the only one iommufd
+/// imports).
+pub(crate) fn export_upstream(
+    rig: &mut Rig,
+    held: &mut Held,
+    device: u32,
+    bar: u32,
+    offset: u64,
+    length: u64,
+) -> Result<u32> {
+    let op = AgentOp::DmabufExport {
+        device,
+        bar,
+        offset,
+        length,
+        uapi: DmabufUapi::Upstream,
+    };
+    match ok(rig.agent_call(op, RPC)?, "export the dma-buf")? {
+        AgentReply::Dmabuf { dmabuf, .. } => {
+            held.push(AgentOp::DmabufClose { dmabuf });
+            Ok(dmabuf)
+        }
+        other => bail!("export: unexpected {other:?}"),
+    }
+}
+
+/// IOMMU_IOAS_MAP_FILE of a whole dma-buf of `length` bytes at `iova`; the kernel's refusal
+/// is the caller's to judge.
+pub(crate) fn map_dmabuf(
+    rig: &mut Rig,
+    io: &IommufdRig,
+    dmabuf: u32,
+    length: u64,
+    iova: u64,
+) -> Result<std::result::Result<(), p2prig_protocol::wire::ErrorReply>> {
+    let op = AgentOp::IoasMapDmabuf {
+        iommufd: io.iommufd,
+        ioas: io.ioas,
+        dmabuf,
+        start: 0,
+        length,
+        iova,
+    };
+    Ok(rig.agent_call(op, RPC)?.map(drop))
+}
+
+/// IOMMU_IOAS_UNMAP; answers the bytes unmapped or the kernel's refusal.
+pub(crate) fn unmap(
+    rig: &mut Rig,
+    io: &IommufdRig,
+    iova: u64,
+    length: u64,
+) -> Result<std::result::Result<u64, p2prig_protocol::wire::ErrorReply>> {
+    let op = AgentOp::IoasUnmap {
+        iommufd: io.iommufd,
+        ioas: io.ioas,
+        iova,
+        length,
+    };
+    Ok(match rig.agent_call(op, RPC)? {
+        Ok(AgentReply::Value { value }) => Ok(value),
+        Ok(other) => bail!("ioas_unmap: unexpected {other:?}"),
+        Err(e) => Err(e),
+    })
+}
+
+pub(crate) fn memory_write(rig: &mut Rig, io: &IommufdRig, offset: u64, data: &[u8]) -> Result<()> {
+    let op = AgentOp::DmaMemoryWrite {
+        memory: io.memory,
+        offset,
+        data: p2prig_protocol::hex::encode(data),
+    };
+    ok(rig.agent_call(op, RPC)?, "write agent DMA memory").map(drop)
+}
+
+pub(crate) fn memory_read(
+    rig: &mut Rig,
+    io: &IommufdRig,
+    offset: u64,
+    length: u64,
+) -> Result<String> {
+    let op = AgentOp::DmaMemoryRead {
+        memory: io.memory,
+        offset,
+        length,
+    };
+    match ok(rig.agent_call(op, RPC)?, "read agent DMA memory")? {
+        AgentReply::Bytes { data } => Ok(data),
+        other => bail!("dma_memory_read: unexpected {other:?}"),
+    }
+}
+
+/// One edu transfer; returns when (guest clock) the engine was seen done.
+pub(crate) fn edu_dma(
+    rig: &mut Rig,
+    io: &IommufdRig,
+    direction: EduDirection,
+    iova: u64,
+    count: u64,
+) -> Result<Option<u64>> {
+    let op = AgentOp::EduDma {
+        device: io.edu,
+        direction,
+        iova,
+        buffer: 0,
+        count,
+        timeout_ms: 5000,
+    };
+    let id = rig.agent_start(op)?;
+    let (reply, done_ns) = rig.agent_finish_stamped(id, RPC)?;
+    ok(
+        reply,
+        &format!("edu DMA {direction:?} {count} bytes at iova {iova:#x}"),
+    )?;
+    Ok(done_ns)
+}
+
+/// Copies `count` bytes from agent memory (offset 0) to `iova` through edu's buffer: a DMA
+/// read of the memory, then a DMA write to `iova`. Returns when the write was done.
+pub(crate) fn edu_copy_to(
+    rig: &mut Rig,
+    io: &IommufdRig,
+    iova: u64,
+    count: u64,
+) -> Result<Option<u64>> {
+    edu_dma(rig, io, EduDirection::IovaToEdu, MEMORY_IOVA, count)
+        .context("edu reading agent memory")?;
+    edu_dma(rig, io, EduDirection::EduToIova, iova, count)
+}
+
+/// A DMA remapping fault the guest's intel-iommu driver logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DmarFault {
+    pub(crate) bdf: String,
+    /// The faulting page (the driver prints the address with its low 12 bits clear).
+    pub(crate) address: u64,
+    pub(crate) line: String,
+}
+
+/// The DMAR faults in a kernel log, e.g. `DMAR: [DMA Write NO_PASID] Request device
+/// [0000:03:00.0] fault addr 0x200000 [fault reason 0x05] PTE Write access is not set`
+/// (drivers/iommu/intel/dmar.c, dmar_fault_do_one()).
+pub(crate) fn dmar_faults(log: &str) -> Vec<DmarFault> {
+    log.lines()
+        .filter(|line| line.contains("DMAR:"))
+        .filter_map(|line| {
+            let (_, device) = line.split_once("Request device [")?;
+            let (bdf, rest) = device.split_once(']')?;
+            let (_, address) = rest.split_once("fault addr 0x")?;
+            let hex: String = address
+                .chars()
+                .take_while(char::is_ascii_hexdigit)
+                .collect();
+            Some(DmarFault {
+                bdf: bdf.to_string(),
+                address: u64::from_str_radix(&hex, 16).ok()?,
+                line: line.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The kernel log, for a mark before an operation and the faults after it.
+pub(crate) fn kernel_log(rig: &mut Rig) -> Result<String> {
+    match ok(rig.agent_call(AgentOp::Dmesg, RPC)?, "dmesg")? {
+        AgentReply::Text { text } => Ok(text),
+        other => bail!("dmesg: unexpected {other:?}"),
+    }
+}
+
+/// The DMAR faults logged after byte `mark` of the kernel log, by edu at the page of `iova`.
+pub(crate) fn faults_since(
+    rig: &mut Rig,
+    mark: usize,
+    edu_bdf: &str,
+    iova: u64,
+) -> Result<Vec<DmarFault>> {
+    let log = kernel_log(rig)?;
+    Ok(dmar_faults(log.get(mark..).unwrap_or_default())
+        .into_iter()
+        .filter(|f| f.bdf == edu_bdf && f.address == iova & !(PAGE - 1))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmar_faults_are_read_with_device_and_page() {
+        let log = "\
+[   12.5] DMAR: DRHD: handling fault status reg 2
+[   12.5] DMAR: [DMA Write NO_PASID] Request device [0000:03:00.0] fault addr 0x200000 [fault reason 0x05] PTE Write access is not set
+[   12.6] DMAR: [DMA Read NO_PASID] Request device [0000:03:00.0] fault addr 0x10f000 [fault reason 0x06] PTE Read access is not set
+[   12.7] virtio-pci 0000:01:00.0: something else fault addr 0x1
+";
+        let faults = dmar_faults(log);
+        assert_eq!(faults.len(), 2);
+        assert_eq!(faults[0].bdf, "0000:03:00.0");
+        assert_eq!(faults[0].address, 0x20_0000);
+        assert!(faults[0].line.starts_with("[   12.5] DMAR: [DMA Write"));
+        assert_eq!(faults[1].address, 0x10_f000);
+        assert!(dmar_faults("DMAR: Request device [0000:03:00.0] fault addr 0xzz").is_empty());
+        assert!(dmar_faults("").is_empty());
+    }
+}
