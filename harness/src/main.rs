@@ -21,7 +21,7 @@ use cache::Cache;
 use kernel::{BuildTarget, FlavorSpec, KernelChoice};
 use report::RunReport;
 use rig::{accel, process};
-use rig::{RigConfig, RunDir};
+use rig::{RigConfig, RigShape, RunDir};
 use run::{bench, expectations, list, outputs, report, runner};
 
 #[derive(Debug, Parser)]
@@ -206,6 +206,16 @@ struct ShellArgs {
     /// Seconds the guest gets to boot to a ready agent.
     #[arg(long, default_value_t = 300)]
     boot_timeout: u64,
+    /// The machine: `switch` (no IOMMU, the rxe scenarios' rig) or `viommu` (intel-iommu and
+    /// edu, the iommufd scenarios' rig; needs a 7.x kernel).
+    #[arg(long, value_enum, default_value = "switch")]
+    shape: ShapeChoice,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ShapeChoice {
+    Switch,
+    Viommu,
 }
 
 #[derive(Debug, clap::Args)]
@@ -511,6 +521,10 @@ fn shell(cache: &Cache, args: ShellArgs) -> Result<ExitCode> {
     let accel = accel::resolve(args.accel, cache, &qemu.binary, &kernel.bzimage)?;
     let cfg = RigConfig {
         boot_timeout: Duration::from_secs(args.boot_timeout),
+        shape: match args.shape {
+            ShapeChoice::Switch => RigShape::Switch,
+            ShapeChoice::Viommu => RigShape::Viommu,
+        },
         ..RigConfig::new(qemu.binary, kernel.bzimage.clone(), image.initramfs, accel)?
     };
     shell::run(cache, cfg, &args.kernel.to_string(), args.gdb)?;

@@ -21,7 +21,7 @@ pub const MAX_DMA_IO: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
 fn check_pages(what: &str, value: u64) -> Result<()> {
-    if value % PAGE != 0 {
+    if !value.is_multiple_of(PAGE) {
         return Err(AgentError::Invalid(format!(
             "{what} {value:#x} is not a multiple of the 4 KiB page"
         )));

@@ -16,11 +16,14 @@ pub enum Mapped {
     File { fd: RawFd, start: u64 },
 }
 
+/// One IOAS: iova -> (length, what).
+pub type Space = BTreeMap<u64, (u64, Mapped)>;
+
 #[derive(Debug, Default)]
 pub struct FakeIommu {
     next_id: Mutex<u32>,
-    /// IOAS id -> iova -> (length, what).
-    pub ioas: Mutex<BTreeMap<u32, BTreeMap<u64, (u64, Mapped)>>>,
+    /// IOAS id -> its mappings.
+    pub ioas: Mutex<BTreeMap<u32, Space>>,
 }
 
 fn errno(what: &str, errno: i32) -> AgentError {
@@ -36,7 +39,7 @@ impl FakeIommu {
         let end = iova
             .checked_add(length)
             .ok_or_else(|| errno("IOMMU_IOAS_MAP", libc::EOVERFLOW))?;
-        if length == 0 || iova % 4096 != 0 || length % 4096 != 0 {
+        if length == 0 || !iova.is_multiple_of(4096) || !length.is_multiple_of(4096) {
             return Err(errno("IOMMU_IOAS_MAP", libc::EINVAL));
         }
         if space
