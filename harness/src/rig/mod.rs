@@ -169,6 +169,7 @@ pub struct Rig {
     /// The machine this boot built.
     pub shape: RigShape,
     console: PathBuf,
+    qemu_stderr: PathBuf,
 }
 
 /// The guest's PCIe topology: root port -> switch upstream -> two downstream ports, so the
@@ -236,7 +237,7 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "-serial".into(),
         "chardev:console".into(),
     ]);
-    args.extend(cfg.shape.leading_devices());
+    args.extend(cfg.shape.leading_args());
     args.extend([
         "-device".into(),
         "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1".into(),
@@ -399,6 +400,7 @@ impl Rig {
             boot_time: started.elapsed(),
             shape: cfg.shape,
             console: console_path,
+            qemu_stderr: run.file("qemu.stderr.log"),
         })
     }
 
@@ -522,6 +524,20 @@ impl Rig {
 
     pub fn console_path(&self) -> &Path {
         &self.console
+    }
+
+    /// How much QEMU has written to its stderr so far: a mark for [`Rig::qemu_stderr_since`].
+    pub fn qemu_stderr_mark(&self) -> u64 {
+        fs::metadata(&self.qemu_stderr).map_or(0, |m| m.len())
+    }
+
+    /// What QEMU wrote to stderr after `mark` (its warnings and the trace events the shape
+    /// turned on).
+    pub fn qemu_stderr_since(&self, mark: u64) -> Result<String> {
+        let bytes = fs::read(&self.qemu_stderr)
+            .with_context(|| format!("reading {}", self.qemu_stderr.display()))?;
+        let start = usize::try_from(mark).unwrap_or(usize::MAX).min(bytes.len());
+        Ok(String::from_utf8_lossy(&bytes[start..]).into_owned())
     }
 
     /// Powers the guest off through the agent, then stops everything.

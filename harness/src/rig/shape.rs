@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::rig::Accel;
 
+/// QEMU's trace event for a DMA remapping fault (hw/i386/trace-events): written as
+/// `vtd_dmar_fault sid 0x400 fault 5 addr 0x200008 write 1` by the log backend.
+pub const VTD_FAULT_TRACE_EVENT: &str = "vtd_dmar_fault";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RigShape {
@@ -53,13 +57,18 @@ impl RigShape {
         }
     }
 
-    /// Devices that go before every PCI device.
-    pub fn leading_devices(self) -> Vec<String> {
+    /// Arguments before every PCI device: the IOMMU, and QEMU's trace of every DMA remapping
+    /// fault it reports (qemu.stderr.log), the iommufd scenarios' fault oracle. The guest's
+    /// own log is not one: dmar_fault() (drivers/iommu/intel/dmar.c) prints under a
+    /// ratelimit of 10 lines per 5 s, two lines per fault, and drops the rest silently.
+    pub fn leading_args(self) -> Vec<String> {
         match self {
             RigShape::Switch => Vec::new(),
             RigShape::Viommu => vec![
                 "-device".into(),
                 "intel-iommu,intremap=on,caching-mode=on".into(),
+                "-trace".into(),
+                VTD_FAULT_TRACE_EVENT.into(),
             ],
         }
     }
@@ -84,12 +93,12 @@ mod tests {
 
     #[test]
     fn only_the_viommu_shape_turns_the_iommu_on_and_adds_edu() {
-        assert!(RigShape::Switch.leading_devices().is_empty());
+        assert!(RigShape::Switch.leading_args().is_empty());
         assert!(RigShape::Switch.switch_devices().is_empty());
         assert!(RigShape::Switch.cmdline().contains("noiommu"));
         assert_eq!(RigShape::Switch.machine_options(Accel::Kvm), "");
         assert_eq!(RigShape::Viommu.cmdline(), "intel_iommu=on");
-        assert!(RigShape::Viommu.leading_devices()[1].contains("caching-mode=on"));
+        assert!(RigShape::Viommu.leading_args()[1].contains("caching-mode=on"));
         assert!(RigShape::Viommu.switch_devices()[3].starts_with("edu,"));
         assert_eq!(
             RigShape::Viommu.machine_options(Accel::Kvm),

@@ -50,19 +50,23 @@ pub(crate) fn ring_through_edu(
 ) -> Result<(Vec<Event>, Vec<DmarFault>)> {
     memory_write(rig, io, 0, &value.to_le_bytes())?;
     let since = last_seq(rig)?;
-    let log_mark = kernel_log(rig)?.len();
+    let fault_mark = rig.qemu_stderr_mark();
     edu_copy_to(rig, io, DMABUF_IOVA + (SQ1TDBL - PAGE), 8)?;
     // doorbell_events waits until the page has been quiet; then everything since the mark.
     doorbell_events(rig, since)?;
     let events = bar_accesses(&events_since(rig, since)?);
-    let faults = faults_since(rig, log_mark, &io.edu_bdf, DMABUF_IOVA)?;
+    let faults = faults_since(rig, fault_mark, &io.edu_bdf, DMABUF_IOVA)?;
     Ok((events, faults))
 }
 
 pub(crate) fn describe_faults(faults: &[DmarFault]) -> String {
     match faults {
-        [] => "no DMAR fault logged".into(),
-        [first, ..] => format!("{} DMAR fault(s), first: {}", faults.len(), first.line),
+        [] => "the vIOMMU reported no fault".into(),
+        [first, ..] => format!(
+            "the vIOMMU reported {} fault(s), first: {}",
+            faults.len(),
+            first.line
+        ),
     }
 }
 
@@ -94,6 +98,46 @@ pub fn run_doorbell(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Res
     })
 }
 
+/// Waits until nvme-cmb logged `bytes` bytes of writes to `bar` after `since` (at most 10 s);
+/// the caller judges what they wrote.
+fn wait_for_bar_writes(rig: &mut Rig, since: u64, bar: u8, bytes: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let written: u64 = events_since(rig, since)?
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::Bar {
+                    bar: b,
+                    access: p2prig_protocol::event::Access::Write,
+                    size,
+                    ..
+                } if *b == bar => Some(u64::from(*size)),
+                _ => None,
+            })
+            .sum();
+        if written >= bytes || Instant::now() >= deadline {
+            return Ok(());
+        }
+        crate::rig::process::check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Where two hex strings of bytes first differ: "byte N: got xx, want yy", or their lengths.
+fn first_difference(got: &str, want: &str) -> String {
+    if got.len() != want.len() {
+        return format!("{} bytes, want {}", got.len() / 2, want.len() / 2);
+    }
+    match (0..got.len() / 2).find(|i| got.get(2 * i..2 * i + 2) != want.get(2 * i..2 * i + 2)) {
+        Some(i) => format!(
+            "byte {i:#x}: got {}, want {}",
+            got.get(2 * i..2 * i + 2).unwrap_or("?"),
+            want.get(2 * i..2 * i + 2).unwrap_or("?")
+        ),
+        None => "byte-exact".into(),
+    }
+}
+
 fn pattern(length: usize) -> Vec<u8> {
     (0..length).map(|i| (i * 7 + (i >> 8)) as u8).collect()
 }
@@ -110,7 +154,10 @@ pub fn run_cmb(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<(
         let t = Instant::now();
         let data = pattern(CMB_SLICE_LENGTH as usize);
         memory_write(rig, &io, 0, &data)?;
+        let since = last_seq(rig)?;
         edu_copy_to(rig, &io, DMABUF_IOVA, CMB_SLICE_LENGTH)?;
+        // QEMU posts vfio-user region writes: edu is done before nvme-cmb has served them all.
+        wait_for_bar_writes(rig, since, 2, CMB_SLICE_LENGTH)?;
         let cmb = match rig.device_call(DeviceOp::CmbRead {
             offset: CMB_SLICE_OFFSET,
             length: CMB_SLICE_LENGTH as u32,
@@ -123,9 +170,9 @@ pub fn run_cmb(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Result<(
             checks::EDU_WRITE_SHOWS_IN_THE_CMB,
             cmb == want,
             format!(
-                "{} bytes through edu; CMB+{CMB_SLICE_OFFSET:#x}: {}...",
+                "{} bytes through edu; CMB+{CMB_SLICE_OFFSET:#x}: {}",
                 data.len(),
-                &cmb[..cmb.len().min(48)]
+                first_difference(&cmb, &want)
             ),
             t.elapsed(),
         );

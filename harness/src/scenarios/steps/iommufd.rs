@@ -251,57 +251,64 @@ pub(crate) fn edu_copy_to(
     edu_dma(rig, io, EduDirection::EduToIova, iova, count)
 }
 
-/// A DMA remapping fault the guest's intel-iommu driver logged.
+/// A DMA remapping fault the vIOMMU reported, from QEMU's `vtd_dmar_fault` trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DmarFault {
-    pub(crate) bdf: String,
-    /// The faulting page (the driver prints the address with its low 12 bits clear).
+    /// PCI requester id: bus << 8 | device << 3 | function.
+    pub(crate) source: u16,
+    /// VT-d fault reason (5: write to a PTE without write access).
+    pub(crate) reason: u32,
     pub(crate) address: u64,
+    pub(crate) write: bool,
     pub(crate) line: String,
 }
 
-/// The DMAR faults in a kernel log, e.g. `DMAR: [DMA Write NO_PASID] Request device
-/// [0000:03:00.0] fault addr 0x200000 [fault reason 0x05] PTE Write access is not set`
-/// (drivers/iommu/intel/dmar.c, dmar_fault_do_one()).
-pub(crate) fn dmar_faults(log: &str) -> Vec<DmarFault> {
-    log.lines()
-        .filter(|line| line.contains("DMAR:"))
+/// The faults in QEMU's stderr, lines like `vtd_dmar_fault sid 0x400 fault 5 addr 0x200008
+/// write 1` (hw/i386/trace-events; the log backend may prefix `pid@time:`).
+pub(crate) fn vtd_faults(text: &str) -> Vec<DmarFault> {
+    text.lines()
         .filter_map(|line| {
-            let (_, device) = line.split_once("Request device [")?;
-            let (bdf, rest) = device.split_once(']')?;
-            let (_, address) = rest.split_once("fault addr 0x")?;
-            let hex: String = address
-                .chars()
-                .take_while(char::is_ascii_hexdigit)
-                .collect();
+            let (_, rest) = line.split_once(crate::rig::shape::VTD_FAULT_TRACE_EVENT)?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let [_, sid, _, reason, _, addr, _, write] = fields.as_slice() else {
+                return None;
+            };
             Some(DmarFault {
-                bdf: bdf.to_string(),
-                address: u64::from_str_radix(&hex, 16).ok()?,
+                source: u16::from_str_radix(sid.strip_prefix("0x")?, 16).ok()?,
+                reason: reason.parse().ok()?,
+                address: u64::from_str_radix(addr.strip_prefix("0x")?, 16).ok()?,
+                write: *write == "1",
                 line: line.trim().to_string(),
             })
         })
         .collect()
 }
 
-/// The kernel log, for a mark before an operation and the faults after it.
-pub(crate) fn kernel_log(rig: &mut Rig) -> Result<String> {
-    match ok(rig.agent_call(AgentOp::Dmesg, RPC)?, "dmesg")? {
-        AgentReply::Text { text } => Ok(text),
-        other => bail!("dmesg: unexpected {other:?}"),
-    }
+/// The requester id of a PCI address "ssss:bb:dd.f".
+pub(crate) fn requester_id(bdf: &str) -> Option<u16> {
+    let (_, rest) = bdf.split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (device, function) = rest.split_once('.')?;
+    let bus = u16::from_str_radix(bus, 16).ok()?;
+    let device = u16::from_str_radix(device, 16).ok()?;
+    let function = u16::from_str_radix(function, 16).ok()?;
+    (device < 32 && function < 8).then_some(bus << 8 | device << 3 | function)
 }
 
-/// The DMAR faults logged after byte `mark` of the kernel log, by edu at the page of `iova`.
+/// The faults the vIOMMU reported after `mark` (of QEMU's stderr) for edu's accesses to the
+/// page of `iova`.
 pub(crate) fn faults_since(
     rig: &mut Rig,
-    mark: usize,
+    mark: u64,
     edu_bdf: &str,
     iova: u64,
 ) -> Result<Vec<DmarFault>> {
-    let log = kernel_log(rig)?;
-    Ok(dmar_faults(log.get(mark..).unwrap_or_default())
+    let Some(source) = requester_id(edu_bdf) else {
+        bail!("{edu_bdf:?} is not a PCI address");
+    };
+    Ok(vtd_faults(&rig.qemu_stderr_since(mark)?)
         .into_iter()
-        .filter(|f| f.bdf == edu_bdf && f.address == iova & !(PAGE - 1))
+        .filter(|f| f.source == source && f.address & !(PAGE - 1) == iova & !(PAGE - 1))
         .collect())
 }
 
@@ -310,20 +317,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dmar_faults_are_read_with_device_and_page() {
-        let log = "\
-[   12.5] DMAR: DRHD: handling fault status reg 2
-[   12.5] DMAR: [DMA Write NO_PASID] Request device [0000:03:00.0] fault addr 0x200000 [fault reason 0x05] PTE Write access is not set
-[   12.6] DMAR: [DMA Read NO_PASID] Request device [0000:03:00.0] fault addr 0x10f000 [fault reason 0x06] PTE Read access is not set
-[   12.7] virtio-pci 0000:01:00.0: something else fault addr 0x1
+    fn vtd_faults_are_read_from_qemus_trace_lines() {
+        let text = "\
+qemu-system-x86_64: vfio_container_dma_unmap(0x5, 0xff000000, 0x1000000) = -2 (No such file or directory)
+vtd_dmar_fault sid 0x400 fault 5 addr 0x200008 write 1
+1234@1700000000.000001:vtd_dmar_fault sid 0x28 fault 6 addr 0x10f000 write 0
+vtd_dmar_fault sid 0xzz fault 5 addr 0x1 write 1
+vtd_dmar_fault sid 0x400 fault 5
 ";
-        let faults = dmar_faults(log);
-        assert_eq!(faults.len(), 2);
-        assert_eq!(faults[0].bdf, "0000:03:00.0");
-        assert_eq!(faults[0].address, 0x20_0000);
-        assert!(faults[0].line.starts_with("[   12.5] DMAR: [DMA Write"));
-        assert_eq!(faults[1].address, 0x10_f000);
-        assert!(dmar_faults("DMAR: Request device [0000:03:00.0] fault addr 0xzz").is_empty());
-        assert!(dmar_faults("").is_empty());
+        let faults = vtd_faults(text);
+        assert_eq!(faults.len(), 2, "{faults:?}");
+        assert_eq!(
+            (
+                faults[0].source,
+                faults[0].reason,
+                faults[0].address,
+                faults[0].write
+            ),
+            (0x400, 5, 0x20_0008, true)
+        );
+        assert_eq!(
+            (
+                faults[1].source,
+                faults[1].reason,
+                faults[1].address,
+                faults[1].write
+            ),
+            (0x28, 6, 0x10_f000, false)
+        );
+        assert!(vtd_faults("").is_empty());
+    }
+
+    #[test]
+    fn requester_ids_follow_bus_device_function() {
+        assert_eq!(requester_id("0000:04:00.0"), Some(0x400));
+        assert_eq!(requester_id("0000:00:05.1"), Some(0x29));
+        assert_eq!(requester_id("0000:ff:1f.7"), Some(0xffff));
+        assert_eq!(requester_id("0000:04:20.0"), None);
+        assert_eq!(requester_id("nonsense"), None);
     }
 }
