@@ -181,8 +181,8 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
             }
             let shape = scenario.importer.shape();
             if shape == RigShape::Viommu && env.uapi != DmabufUapi::Upstream {
-                result.note = "needs Linux 7.x: iommufd imports a dma-buf (IOMMU_IOAS_MAP_FILE) \
-                               only since 6.13, and this kernel's exporter is the seed's"
+                result.note = "needs Linux 7.x: iommufd's dma-buf import (IOMMU_IOAS_MAP_FILE of \
+                               a vfio-pci dma-buf) is not in 6.1, whose exporter is the seed's"
                     .into();
                 println!("    skipped: {}", result.note);
                 report.results.push(result);
