@@ -151,6 +151,10 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
+    /// vCPUs of every boot instead of the shape's own choice (2; 1 for the vIOMMU shape under
+    /// TCG, see docs/findings/Q1.md).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=8))]
+    cpus: Option<u32>,
     /// Seed of the randomised scenarios (release-races), decimal or 0x-hex; a run prints the
     /// one it used (default: a fresh one per run).
     #[arg(long, value_parser = parse_seed)]
@@ -405,6 +409,7 @@ fn run(cache: &Cache, args: RunArgs) -> Result<ExitCode> {
         allowed_splats,
         rig: RigConfig {
             memory_mib: args.memory,
+            cpus: args.cpus,
             boot_timeout: Duration::from_secs(args.boot_timeout),
             ..RigConfig::new(qemu.binary, first_kernel.bzimage, image.initramfs, accel)?
         },

@@ -102,8 +102,8 @@ pub fn describe(op: &AgentOp) -> String {
             iova,
             length,
         } => format!("ioas_unmap iommufd {iommufd} ioas {ioas} iova {iova:#x} length {length:#x}"),
-        AgentOp::IommufdDestroy { iommufd, id } => {
-            format!("iommufd_destroy iommufd {iommufd} object {id}")
+        AgentOp::IommufdDestroy { iommufd, object } => {
+            format!("iommufd_destroy iommufd {iommufd} object {object}")
         }
         AgentOp::DmaMemoryWrite {
             memory,

@@ -406,7 +406,10 @@ mod tests {
         assert_eq!(closed.errno, libc::EBADF);
         ok(&agent, AgentOp::IommufdClose { iommufd });
         assert_eq!(
-            err(&agent, AgentOp::IommufdDestroy { iommufd, id: ioas }).errno,
+            err(&agent, AgentOp::IommufdDestroy {
+                    iommufd,
+                    object: ioas
+                }).errno,
             libc::EBADF
         );
     }

@@ -283,10 +283,11 @@ pub enum AgentOp {
         iova: u64,
         length: u64,
     },
-    /// IOMMU_DESTROY of an iommufd object (an IOAS).
+    /// IOMMU_DESTROY of an iommufd object (an IOAS) by its id. (Not `id`: that is the
+    /// request's own field, which an op's fields share a JSON object with.)
     IommufdDestroy {
         iommufd: u32,
-        id: u32,
+        object: u32,
     },
     /// Write bytes (hex) into agent DMA memory at `offset`.
     DmaMemoryWrite {
@@ -613,3 +614,79 @@ pub enum AgentReply {
 
 /// The line the agent writes on the port once it is ready to serve requests.
 pub const READY_BANNER: &str = "p2prig-agent ready";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode_line, encode_line, Request};
+
+    /// An op's fields share one JSON object with the request's `id` and `op`: a field of
+    /// either name would be read as the request's own and the request would not decode.
+    #[test]
+    fn iommufd_and_edu_ops_round_trip_inside_a_request() {
+        let ops = [
+            AgentOp::VfioLowPower {
+                device: 1,
+                enter: true,
+            },
+            AgentOp::IommufdOpen,
+            AgentOp::IommufdClose { iommufd: 2 },
+            AgentOp::VfioCdevOpen {
+                bdf: "0000:04:00.0".into(),
+                iommufd: 2,
+            },
+            AgentOp::IoasAlloc { iommufd: 2 },
+            AgentOp::IoasAttach { device: 1, ioas: 3 },
+            AgentOp::IoasMapMemory {
+                iommufd: 2,
+                ioas: 3,
+                iova: 0x10_0000,
+                length: 0x2000,
+            },
+            AgentOp::IoasMapDmabuf {
+                iommufd: 2,
+                ioas: 3,
+                dmabuf: 4,
+                start: 0,
+                length: 0x1000,
+                iova: 0x20_0000,
+            },
+            AgentOp::IoasUnmap {
+                iommufd: 2,
+                ioas: 3,
+                iova: 0x20_0000,
+                length: 0x1000,
+            },
+            AgentOp::IommufdDestroy {
+                iommufd: 2,
+                object: 5,
+            },
+            AgentOp::DmaMemoryWrite {
+                memory: 1,
+                offset: 8,
+                data: "07".into(),
+            },
+            AgentOp::DmaMemoryRead {
+                memory: 1,
+                offset: 8,
+                length: 1,
+            },
+            AgentOp::DmaMemoryFree { memory: 1 },
+            AgentOp::EduDma {
+                device: 6,
+                direction: EduDirection::EduToIova,
+                iova: 0x20_1008,
+                buffer: 0,
+                count: 8,
+                timeout_ms: 5000,
+            },
+        ];
+        for op in ops {
+            let request = Request { id: 77, op };
+            let line = encode_line(&request);
+            let back: Request<AgentOp> = decode_line(&line)
+                .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&line)));
+            assert_eq!(back, request);
+        }
+    }
+}

@@ -57,6 +57,8 @@ pub struct RigConfig {
     pub gdb_port: Option<u16>,
     /// Which machine: without an IOMMU (the rxe scenarios) or with the vIOMMU and edu.
     pub shape: RigShape,
+    /// vCPUs, when not the shape's choice (`run --cpus`).
+    pub cpus: Option<u32>,
 }
 
 impl RigConfig {
@@ -75,6 +77,7 @@ impl RigConfig {
             extra_cmdline: String::new(),
             gdb_port: None,
             shape: RigShape::Switch,
+            cpus: None,
         })
     }
 }
@@ -217,7 +220,9 @@ pub fn qemu_args(cfg: &RigConfig, run: &RunDir) -> Vec<String> {
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
-        "2".into(),
+        cfg.cpus
+            .unwrap_or_else(|| cfg.shape.cpus(cfg.accel))
+            .to_string(),
         "-m".into(),
         format!("{mem}M"),
         "-object".into(),
@@ -661,6 +666,7 @@ mod tests {
             extra_cmdline: String::new(),
             gdb_port: None,
             shape: RigShape::Switch,
+            cpus: None,
         }
     }
 

@@ -49,6 +49,16 @@ impl RigShape {
         }
     }
 
+    /// vCPUs. The vIOMMU shape under TCG runs one: with two, QEMU 10.2.2 aborts in
+    /// iotlb_to_section() ("section_index < d->map.sections_nb") when the guest closes the
+    /// vfio-user device's cdev (docs/findings/Q1.md); KVM does not use that path.
+    pub fn cpus(self, accel: Accel) -> u32 {
+        match (self, accel) {
+            (RigShape::Viommu, Accel::Tcg) => 1,
+            _ => 2,
+        }
+    }
+
     /// The kernel command line's IOMMU part.
     pub fn cmdline(self) -> &'static str {
         match self {

@@ -54,6 +54,7 @@ macro_rules! checks {
 
 checks! {
     A_FRESH_MAP_WORKS_AFTER_RESTORE = "a-fresh-map-works-after-restore",
+    A_FRESH_MAPPING_WORKS_AFTER_THE_RACES = "a-fresh-mapping-works-after-the-races",
     A_NEW_MR_WORKS_AFTER_THE_RACES = "a-new-mr-works-after-the-races",
     ABSENT_BAR4 = "absent-bar4",
     AGENT_HELLO = "agent-hello",
@@ -112,6 +113,7 @@ checks! {
     REG_DMABUF_MR_OVER_THE_DOORBELL_PAGE = "reg-dmabuf-mr-over-the-doorbell-page",
     REG_DMABUF_MR_WITHOUT_A_P2P_PATH_FAILS = "reg-dmabuf-mr-without-a-p2p-path-fails",
     RESET_METHOD_LISTS_FLR = "reset-method-lists-flr",
+    REVOKE_CYCLES_END_WITH_A_WORKING_MAPPING = "revoke-cycles-end-with-a-working-mapping",
     REVOKE_REMAP_CYCLES_END_WITH_A_WORKING_MR = "revoke-remap-cycles-end-with-a-working-mr",
     ROM_INDEX = "rom-index",
     RXE_WITHOUT_A_PCI_FUNCTION_REFUSES_WITH_EOPNOTSUPP = "rxe-without-a-pci-function-refuses-with-eopnotsupp",

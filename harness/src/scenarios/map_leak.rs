@@ -29,7 +29,7 @@ pub fn run_map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Resu
     with_held(rig, |rig, held| map_leak(rig, env, suite, held))
 }
 
-fn kmemleak(rig: &mut Rig, command: KmemleakCommand) -> Result<String> {
+pub(crate) fn kmemleak(rig: &mut Rig, command: KmemleakCommand) -> Result<String> {
     match ok(
         rig.agent_call(AgentOp::Kmemleak { command }, KMEMLEAK_RPC)?,
         "kmemleak",

@@ -338,6 +338,26 @@ pub const SCENARIOS: &[Scenario] = &[
         importer: Importer::Iommufd,
         run: crate::scenarios::iommufd::run_map_while_revoked,
     },
+    Scenario {
+        name: "iommufd-races",
+        summary: "iommufd's releases (IOAS unmap, IOAS destroy, the dma-buf fd's close) raced \
+                  against the device fd closing, a VFIO_DEVICE_RESET, decode coming back on and \
+                  each other, 70 iterations at seeded points of each operation's measured \
+                  duration: every call succeeds, no BAR access, no kernel report, and a fresh \
+                  mapping works afterwards",
+        needs_debug: false,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::races::iommufd::run,
+    },
+    Scenario {
+        name: "iommufd-map-leak",
+        summary: "32 IOMMU_IOAS_MAP_FILE/UNMAP pairs of the doorbell page's dma-buf and 16 map, \
+                  revoke (decode off/on), unmap cycles, after which a fresh mapping still works; a \
+                  kmemleak scan finds nothing (debug variant only)",
+        needs_debug: true,
+        importer: Importer::Iommufd,
+        run: crate::scenarios::iommufd::run_map_leak,
+    },
 ];
 
 /// Scenarios whose name matches `pattern` (`*` matches any run of characters; a comma

@@ -392,7 +392,7 @@ impl<P: Platform> Agent<P> {
                 iova,
                 length,
             } => self.ioas_unmap(*iommufd, *ioas, *iova, *length),
-            AgentOp::IommufdDestroy { iommufd, id } => self.iommufd_destroy(*iommufd, *id),
+            AgentOp::IommufdDestroy { iommufd, object } => self.iommufd_destroy(*iommufd, *object),
             AgentOp::DmaMemoryWrite {
                 memory,
                 offset,

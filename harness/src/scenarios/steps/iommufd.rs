@@ -65,6 +65,28 @@ fn open_cdev(rig: &mut Rig, held: &mut Held, bdf: &str, iommufd: u32) -> Result<
     }
 }
 
+/// Opens nvme-cmb through its cdev bound to `iommufd` and attaches it to `ioas`.
+pub(crate) fn open_nvme_cdev(rig: &mut Rig, held: &mut Held, iommufd: u32, ioas: u32) -> Result<u32> {
+    let bdf = find_one(rig, NVME_CLASS, "NVMe function")?;
+    let device = open_cdev(rig, held, &bdf, iommufd)?;
+    ok(
+        rig.agent_call(AgentOp::IoasAttach { device, ioas }, RPC)?,
+        &format!("attach {bdf} to IOAS {ioas}"),
+    )?;
+    Ok(device)
+}
+
+/// IOMMU_IOAS_ALLOC of another IOAS in `io`'s iommufd (no device attached to it).
+pub(crate) fn alloc_ioas(rig: &mut Rig, io: &IommufdRig) -> Result<u32> {
+    match ok(
+        rig.agent_call(AgentOp::IoasAlloc { iommufd: io.iommufd }, RPC)?,
+        "IOAS",
+    )? {
+        AgentReply::Ioas { ioas } => Ok(ioas),
+        other => bail!("ioas_alloc: unexpected {other:?}"),
+    }
+}
+
 /// Opens nvme-cmb and edu through iommufd, attaches both to a new IOAS, turns on edu's bus
 /// mastering (without it edu's DMA does nothing) and maps agent memory at [`MEMORY_IOVA`].
 pub(crate) fn iommufd_rig(rig: &mut Rig, held: &mut Held) -> Result<IommufdRig> {
@@ -156,9 +178,21 @@ pub(crate) fn map_dmabuf(
     length: u64,
     iova: u64,
 ) -> Result<std::result::Result<(), p2prig_protocol::wire::ErrorReply>> {
+    map_dmabuf_in(rig, io, io.ioas, dmabuf, length, iova)
+}
+
+/// [`map_dmabuf`] into another IOAS of the same iommufd.
+pub(crate) fn map_dmabuf_in(
+    rig: &mut Rig,
+    io: &IommufdRig,
+    ioas: u32,
+    dmabuf: u32,
+    length: u64,
+    iova: u64,
+) -> Result<std::result::Result<(), p2prig_protocol::wire::ErrorReply>> {
     let op = AgentOp::IoasMapDmabuf {
         iommufd: io.iommufd,
-        ioas: io.ioas,
+        ioas,
         dmabuf,
         start: 0,
         length,

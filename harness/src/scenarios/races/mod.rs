@@ -1,19 +1,22 @@
 //! release-races: a dma-buf MR's deregistration (detach and the last dma-buf reference) racing
 //! the exporter's revoke paths: the VFIO device fd closing, a VFIO_DEVICE_RESET, and memory
 //! decode coming back on (which makes the importer map again). Each iteration starts the two
-//! operations a seeded random delay apart; the seed is printed and `--seed` replays the same
-//! schedule. The host only controls when each request leaves; the interleaving inside the
-//! guest still varies from run to run, which is why there are many iterations.
+//! operations a seeded random delay apart (`schedule`); the seed is printed and `--seed`
+//! replays the same schedule. iommufd-races (`iommufd`) does the same for iommufd's importer.
+
+pub mod iommufd;
+pub(crate) mod schedule;
 
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use schedule::{race_pair, schedule, Outcome, RaceKind, Step, SLOTS_PER_PAIR};
 
 use anyhow::{anyhow, Context, Result};
 
 use p2prig_protocol::agent::AgentOp;
 use p2prig_protocol::device::DeviceOp;
 use p2prig_protocol::event::EventKind;
-use p2prig_protocol::wire::ErrorReply;
 
 use crate::rig::Rig;
 use crate::run::checks;
@@ -24,18 +27,6 @@ use crate::scenarios::steps::{
 };
 use crate::scenarios::ScenarioEnv;
 
-/// How the second operation's start is placed relative to the first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Start {
-    /// At `permille`/1000 of the first operation's calibrated duration after it was sent.
-    During { permille: u64 },
-    /// `ms` after the first operation returned: the boundary where no overlap is left.
-    After { ms: u64 },
-}
-
-/// The slots every (race, side) pair gets: four quarters of the first operation's duration,
-/// a random point in each, and one start after it returned.
-const SLOTS_PER_PAIR: usize = 5;
 /// Iterations per run: every race, either side first, every slot.
 pub const ITERATIONS: u32 = (RACES.len() * 2 * SLOTS_PER_PAIR) as u32;
 /// nvme-cmb holds each reset open this long.
@@ -64,92 +55,18 @@ const RACES: [Race; 4] = [
     Race::Remap,
 ];
 
-impl Race {
-    fn name(self) -> &'static str {
-        match self {
-            Race::DeviceClose => "device-close",
-            Race::LastReference => "device-close (fd closed, the MR holds the last reference)",
-            Race::Reset => "vfio-reset",
-            Race::Remap => "decode-on",
-        }
+impl RaceKind for Race {
+    fn sides(self) -> (&'static str, &'static str) {
+        (
+            "dereg",
+            match self {
+                Race::DeviceClose => "device-close",
+                Race::LastReference => "device-close (fd closed, the MR holds the last reference)",
+                Race::Reset => "vfio-reset",
+                Race::Remap => "decode-on",
+            },
+        )
     }
-}
-
-/// One iteration of the schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Step {
-    race: Race,
-    /// The deregistration is sent first; otherwise the revoke is.
-    dereg_first: bool,
-    start: Start,
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (first, second) = if self.dereg_first {
-            ("dereg", self.race.name())
-        } else {
-            (self.race.name(), "dereg")
-        };
-        match self.start {
-            Start::During { permille } => write!(
-                f,
-                "{second} sent at {}.{}% of {first}",
-                permille / 10,
-                permille % 10
-            ),
-            Start::After { ms } => write!(f, "{second} sent {ms} ms after {first} returned"),
-        }
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny seedable generator, enough for timing.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform enough in 0..n for small n.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Every race, with either side first, in every slot; the seed picks the point inside each
-/// slot and the order of the iterations.
-fn schedule(seed: u64) -> Vec<Step> {
-    let mut rng = SplitMix64(seed);
-    let mut steps = Vec::with_capacity(ITERATIONS as usize);
-    for race in RACES {
-        for dereg_first in [true, false] {
-            for slot in 0..SLOTS_PER_PAIR as u64 {
-                let start = if slot < 4 {
-                    Start::During {
-                        permille: slot * 250 + rng.below(250),
-                    }
-                } else {
-                    Start::After { ms: rng.below(10) }
-                };
-                steps.push(Step {
-                    race,
-                    dereg_first,
-                    start,
-                });
-            }
-        }
-    }
-    // Fisher-Yates: the device and the importer see the races in a seeded order.
-    for i in (1..steps.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        steps.swap(i, j);
-    }
-    steps
 }
 
 /// How long each operation takes on this guest, measured without a race, so the schedule's
@@ -163,8 +80,8 @@ struct Calibration {
 }
 
 impl Calibration {
-    fn of_first(&self, step: &Step) -> Duration {
-        if step.dereg_first {
+    fn of_first(&self, step: &Step<Race>) -> Duration {
+        if step.importer_first {
             return self.dereg;
         }
         match step.race {
@@ -192,14 +109,8 @@ pub fn run(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
     with_held(rig, |rig, held| races(rig, env, suite, held))
 }
 
-/// What the two racing calls returned in one iteration.
-struct Outcome {
-    dereg: std::result::Result<(), ErrorReply>,
-    revoke: std::result::Result<(), ErrorReply>,
-}
-
 fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -> Result<()> {
-    let steps = schedule(env.seed);
+    let steps = schedule(env.seed, &RACES);
     let context = rdma_up(rig, held)?;
     let pd = alloc_pd(rig, context, held)?;
     let since = last_seq(rig)?;
@@ -257,7 +168,7 @@ fn run_schedule(
     rig: &mut Rig,
     env: &ScenarioEnv,
     pd: u32,
-    steps: &[Step],
+    steps: &[Step<Race>],
 ) -> Result<(Calibration, Vec<String>, Duration)> {
     let calibration = calibrate(rig, env, pd).context("timing each operation alone")?;
     println!(
@@ -270,7 +181,7 @@ fn run_schedule(
     for (i, step) in steps.iter().enumerate() {
         let outcome = race_once(rig, env, pd, step, &calibration)
             .with_context(|| format!("iteration {i} ({step})"))?;
-        for (what, result) in [("dereg", &outcome.dereg), ("revoke", &outcome.revoke)] {
+        for (what, result) in [("dereg", &outcome.importer), ("revoke", &outcome.exporter)] {
             if let Err(e) = result {
                 failures.push(format!("iteration {i} ({step}): {what}: {e}"));
             }
@@ -336,7 +247,7 @@ fn race_once(
     rig: &mut Rig,
     env: &ScenarioEnv,
     pd: u32,
-    step: &Step,
+    step: &Step<Race>,
     calibration: &Calibration,
 ) -> Result<Outcome> {
     with_held_value(rig, |rig, held| {
@@ -351,40 +262,13 @@ fn race_once(
             Race::Reset => AgentOp::VfioReset { device },
             Race::Remap => decode_op(rig, device)?,
         };
-        let dereg = AgentOp::DeregMr { mr };
-        let (first, second) = if step.dereg_first {
-            (dereg, revoke)
-        } else {
-            (revoke, dereg)
-        };
-        let (first, second) = match step.start {
-            Start::During { permille } => {
-                let first = rig.agent_start(first)?;
-                std::thread::sleep(calibration.of_first(step) * permille as u32 / 1000);
-                let second = rig.agent_start(second)?;
-                (
-                    rig.agent_finish(first, RPC)?,
-                    rig.agent_finish(second, RPC)?,
-                )
-            }
-            Start::After { ms } => {
-                let first = rig.agent_call(first, RPC)?;
-                std::thread::sleep(Duration::from_millis(ms));
-                (first, rig.agent_call(second, RPC)?)
-            }
-        };
-        let (first, second) = (first.map(|_| ()), second.map(|_| ()));
-        Ok(if step.dereg_first {
-            Outcome {
-                dereg: first,
-                revoke: second,
-            }
-        } else {
-            Outcome {
-                dereg: second,
-                revoke: first,
-            }
-        })
+        race_pair(
+            rig,
+            step,
+            calibration.of_first(step),
+            AgentOp::DeregMr { mr },
+            revoke,
+        )
     })
 }
 
@@ -393,63 +277,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_seed_replays_the_same_schedule() {
-        assert_eq!(schedule(42), schedule(42));
-        assert_ne!(schedule(42), schedule(43));
-    }
-
-    #[test]
-    fn every_race_runs_with_either_side_first_in_every_slot() {
-        let steps = schedule(7);
-        assert_eq!(steps.len(), ITERATIONS as usize);
-        for race in RACES {
-            for dereg_first in [true, false] {
-                let mut quarters = [0; 4];
-                let mut after = 0;
-                for s in steps
-                    .iter()
-                    .filter(|s| s.race == race && s.dereg_first == dereg_first)
-                {
-                    match s.start {
-                        Start::During { permille } => quarters[(permille / 250) as usize] += 1,
-                        Start::After { ms } => {
-                            assert!(ms < 10);
-                            after += 1
-                        }
-                    }
-                }
-                assert_eq!((quarters, after), ([1; 4], 1), "{race:?} {dereg_first}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_seed_shuffles_the_order() {
-        let races = |seed| schedule(seed).iter().map(|s| s.race).collect::<Vec<_>>();
-        assert_ne!(races(1), races(2));
-    }
-
-    #[test]
-    fn steps_say_who_goes_first_and_when() {
-        let step = Step {
-            race: Race::DeviceClose,
-            dereg_first: false,
-            start: Start::During { permille: 625 },
-        };
-        assert_eq!(step.to_string(), "dereg sent at 62.5% of device-close");
-        let step = Step {
-            race: Race::Remap,
-            dereg_first: true,
-            start: Start::After { ms: 3 },
-        };
-        assert_eq!(step.to_string(), "decode-on sent 3 ms after dereg returned");
-    }
-
-    #[test]
-    fn splitmix64_matches_its_reference_output() {
-        // First outputs for seed 0 of the reference implementation (Vigna, splitmix64.c).
-        let mut rng = SplitMix64(0);
-        assert_eq!(rng.next(), 0xe220_a839_7b1d_cdaf);
-        assert_eq!(rng.next(), 0x6e78_9e6a_a1b9_65f4);
+    fn every_race_of_release_races_has_its_slots() {
+        assert_eq!(schedule(7, &RACES).len(), ITERATIONS as usize);
+        assert_eq!(ITERATIONS, 40);
     }
 }
