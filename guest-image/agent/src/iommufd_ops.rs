@@ -406,10 +406,14 @@ mod tests {
         assert_eq!(closed.errno, libc::EBADF);
         ok(&agent, AgentOp::IommufdClose { iommufd });
         assert_eq!(
-            err(&agent, AgentOp::IommufdDestroy {
+            err(
+                &agent,
+                AgentOp::IommufdDestroy {
                     iommufd,
                     object: ioas
-                }).errno,
+                }
+            )
+            .errno,
             libc::EBADF
         );
     }

@@ -342,3 +342,25 @@ pub fn run_map_leak(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Res
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_difference_is_named_by_byte() {
+        assert_eq!(first_difference("00ff10", "00ff10"), "byte-exact");
+        assert_eq!(
+            first_difference("00ff10", "00fe10"),
+            "byte 0x1: got ff, want fe"
+        );
+        assert_eq!(first_difference("00", "0000"), "1 bytes, want 2");
+    }
+
+    #[test]
+    fn the_cmb_pattern_is_not_periodic_in_a_page() {
+        let data = pattern(CMB_SLICE_LENGTH as usize);
+        assert_ne!(data[..256], data[256..512]);
+        assert_eq!(&data[..4], &[0, 7, 14, 21]);
+    }
+}

@@ -496,6 +496,17 @@ mod tests {
     }
 
     #[test]
+    fn scenarios_of_one_shape_run_together_so_a_kernel_boots_each_shape_once() {
+        let shapes: Vec<RigShape> = SCENARIOS.iter().map(|s| s.importer.shape()).collect();
+        let changes = shapes.windows(2).filter(|w| w[0] != w[1]).count();
+        assert_eq!(changes, 1, "{shapes:?}");
+        assert!(SCENARIOS
+            .iter()
+            .filter(|s| s.name.starts_with("iommufd-"))
+            .all(|s| s.importer == Importer::Iommufd));
+    }
+
+    #[test]
     fn scenario_names_are_unique() {
         let mut names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
         names.sort_unstable();

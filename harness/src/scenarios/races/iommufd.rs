@@ -15,7 +15,9 @@ use p2prig_protocol::device::DeviceOp;
 use crate::rig::Rig;
 use crate::run::checks;
 use crate::run::report::Suite;
-use crate::scenarios::iommufd::{bar_accesses, describe_faults, doorbell_mapping, ring_through_edu};
+use crate::scenarios::iommufd::{
+    bar_accesses, describe_faults, doorbell_mapping, ring_through_edu,
+};
 use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 use crate::scenarios::ScenarioEnv;
@@ -191,8 +193,8 @@ fn run_schedule(
     let t = Instant::now();
     let mut failures = Vec::new();
     for (i, step) in steps.iter().enumerate() {
-        let outcome =
-            race_once(rig, io, step, &calibration).with_context(|| format!("iteration {i} ({step})"))?;
+        let outcome = race_once(rig, io, step, &calibration)
+            .with_context(|| format!("iteration {i} ({step})"))?;
         let (importer, exporter) = step.race.sides();
         for (what, result) in [(importer, &outcome.importer), (exporter, &outcome.exporter)] {
             if let Err(e) = result {
@@ -346,15 +348,25 @@ mod tests {
     #[test]
     fn every_iommufd_race_gets_both_orders_in_every_slot() {
         let steps = schedule(9, &RACES);
-        assert_eq!(steps.len(), RACES.len() * 2 * super::super::schedule::SLOTS_PER_PAIR);
+        assert_eq!(
+            steps.len(),
+            RACES.len() * 2 * super::super::schedule::SLOTS_PER_PAIR
+        );
         for race in RACES {
-            assert_eq!(steps.iter().filter(|s| s.race == race).count(), 10, "{race:?}");
+            assert_eq!(
+                steps.iter().filter(|s| s.race == race).count(),
+                10,
+                "{race:?}"
+            );
         }
         let step = Step {
             race: Race::DestroyVsReset,
             importer_first: true,
             start: super::super::schedule::Start::After { ms: 2 },
         };
-        assert_eq!(step.to_string(), "vfio-reset sent 2 ms after ioas-destroy returned");
+        assert_eq!(
+            step.to_string(),
+            "vfio-reset sent 2 ms after ioas-destroy returned"
+        );
     }
 }

@@ -182,8 +182,14 @@ mod tests {
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
-        assert_eq!(schedule(42, &[Toy::A, Toy::B]), schedule(42, &[Toy::A, Toy::B]));
-        assert_ne!(schedule(42, &[Toy::A, Toy::B]), schedule(43, &[Toy::A, Toy::B]));
+        assert_eq!(
+            schedule(42, &[Toy::A, Toy::B]),
+            schedule(42, &[Toy::A, Toy::B])
+        );
+        assert_ne!(
+            schedule(42, &[Toy::A, Toy::B]),
+            schedule(43, &[Toy::A, Toy::B])
+        );
     }
 
     #[test]

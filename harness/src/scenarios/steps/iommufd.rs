@@ -66,7 +66,12 @@ fn open_cdev(rig: &mut Rig, held: &mut Held, bdf: &str, iommufd: u32) -> Result<
 }
 
 /// Opens nvme-cmb through its cdev bound to `iommufd` and attaches it to `ioas`.
-pub(crate) fn open_nvme_cdev(rig: &mut Rig, held: &mut Held, iommufd: u32, ioas: u32) -> Result<u32> {
+pub(crate) fn open_nvme_cdev(
+    rig: &mut Rig,
+    held: &mut Held,
+    iommufd: u32,
+    ioas: u32,
+) -> Result<u32> {
     let bdf = find_one(rig, NVME_CLASS, "NVMe function")?;
     let device = open_cdev(rig, held, &bdf, iommufd)?;
     ok(
@@ -79,7 +84,12 @@ pub(crate) fn open_nvme_cdev(rig: &mut Rig, held: &mut Held, iommufd: u32, ioas:
 /// IOMMU_IOAS_ALLOC of another IOAS in `io`'s iommufd (no device attached to it).
 pub(crate) fn alloc_ioas(rig: &mut Rig, io: &IommufdRig) -> Result<u32> {
     match ok(
-        rig.agent_call(AgentOp::IoasAlloc { iommufd: io.iommufd }, RPC)?,
+        rig.agent_call(
+            AgentOp::IoasAlloc {
+                iommufd: io.iommufd,
+            },
+            RPC,
+        )?,
         "IOAS",
     )? {
         AgentReply::Ioas { ioas } => Ok(ioas),
