@@ -94,16 +94,30 @@ pub fn print(json: bool) -> Result<()> {
         return Ok(());
     }
     println!("scenarios (importer: rxe, iommufd, or - for none):");
+    let width = listing
+        .scenarios
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
     for s in &listing.scenarios {
-        println!("  {:<24} {:<8} {}", s.name, s.importer.name(), s.summary);
+        println!(
+            "  {:<width$} {:<8} {}",
+            s.name,
+            s.importer.name(),
+            s.summary
+        );
         for pair in s.expectations.chunks(2) {
             let [tiny, debug] = pair else { continue };
             if let Expect::Fail(why) = tiny.expect {
-                println!("  {:<24}   expected to fail on {}: {why}", "", tiny.flavor);
+                println!(
+                    "  {:<width$}   expected to fail on {}: {why}",
+                    "", tiny.flavor
+                );
             }
             if let (Expect::Fail(why), true) = (debug.expect, debug.expect != tiny.expect) {
                 println!(
-                    "  {:<24}   expected to fail on {}:debug: {why}",
+                    "  {:<width$}   expected to fail on {}:debug: {why}",
                     "", debug.flavor
                 );
             }
