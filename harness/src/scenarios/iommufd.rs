@@ -15,7 +15,7 @@ use p2prig_protocol::event::{Event, EventKind};
 use crate::rig::Rig;
 use crate::run::checks;
 use crate::run::report::Suite;
-use crate::scenarios::map_leak::kmemleak;
+use crate::scenarios::map_leak::{kmemleak, record_kmemleak};
 use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 use crate::scenarios::windows::{close_window, open_window, Window};
@@ -323,22 +323,7 @@ pub fn run_map_leak(rig: &mut Rig, _env: &ScenarioEnv, suite: &mut Suite) -> Res
             ),
             t.elapsed(),
         );
-        // kmemleak reports an object only once it is older than its minimum age (5 s) and was
-        // unreferenced in two scans.
-        let t = Instant::now();
-        std::thread::sleep(Duration::from_secs(6));
-        kmemleak(rig, KmemleakCommand::Scan)?;
-        let report = kmemleak(rig, KmemleakCommand::Scan)?;
-        let leaks = report.matches("unreferenced object").count();
-        suite.record(
-            checks::KMEMLEAK_FINDS_NOTHING,
-            leaks == 0,
-            format!(
-                "{leaks} unreferenced objects; {}",
-                report.lines().take(24).collect::<Vec<_>>().join("\n")
-            ),
-            t.elapsed(),
-        );
+        record_kmemleak(rig, suite)?;
         Ok(())
     })
 }

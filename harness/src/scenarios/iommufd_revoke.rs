@@ -21,18 +21,13 @@ use crate::run::report::Suite;
 use crate::scenarios::iommufd::{describe_faults, doorbell_mapping, ring_through_edu};
 use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
-use crate::scenarios::windows::{close_window, open_window, window_end_ns, Window};
+use crate::scenarios::windows::{
+    close_window, open_window, window_end_ns, window_scenarios, Window,
+};
 use crate::scenarios::ScenarioEnv;
 
-macro_rules! window_scenarios {
-    ($($name:ident => $window:expr),* $(,)?) => {$(
-        pub fn $name(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-            with_held(rig, |rig, held| revoke_window(rig, env, suite, held, $window))
-        }
-    )*};
-}
-
 window_scenarios! {
+    revoke_window:
     run_on_vfio_reset => Window::VfioReset,
     run_on_flr => Window::ConfigFlr,
     run_on_hot_reset => Window::HotReset,

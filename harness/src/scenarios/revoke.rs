@@ -18,18 +18,12 @@ use crate::scenarios::ScenarioEnv;
 
 use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
-use crate::scenarios::windows::{close_window, open_window, window_end_ns, Window};
-
-/// One entry point per window: the scenario registry holds plain fn pointers.
-macro_rules! window_scenarios {
-    ($($name:ident => $window:expr),* $(,)?) => {$(
-        pub fn $name(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
-            with_held(rig, |rig, held| revoke_window(rig, env, suite, held, $window))
-        }
-    )*};
-}
+use crate::scenarios::windows::{
+    close_window, open_window, window_end_ns, window_scenarios, Window,
+};
 
 window_scenarios! {
+    revoke_window:
     run_revoke_on_vfio_reset => Window::VfioReset,
     run_revoke_on_flr => Window::ConfigFlr,
     run_revoke_on_hot_reset => Window::HotReset,

@@ -10,6 +10,17 @@ use p2prig_protocol::event::{Event, EventKind};
 use crate::rig::Rig;
 use crate::scenarios::steps::*;
 
+/// One entry point per window for a family's `$body(rig, env, suite, held, window)`: the
+/// scenario registry holds plain fn pointers.
+macro_rules! window_scenarios {
+    ($body:ident: $($name:ident => $window:expr),* $(,)?) => {$(
+        pub fn $name(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite) -> Result<()> {
+            with_held(rig, |rig, held| $body(rig, env, suite, held, $window))
+        }
+    )*};
+}
+pub(crate) use window_scenarios;
+
 /// How a revoke window is opened and closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Window {

@@ -22,7 +22,7 @@ use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 use crate::scenarios::ScenarioEnv;
 
-use super::schedule::{race_pair, schedule, Outcome, RaceKind, Step};
+use super::schedule::{race_pair, run_steps, schedule, timed, Outcome, RaceKind, Step};
 
 /// nvme-cmb holds each reset open this long.
 const RESET_HOLD_MS: u64 = 20;
@@ -191,17 +191,9 @@ fn run_schedule(
         steps.len()
     );
     let t = Instant::now();
-    let mut failures = Vec::new();
-    for (i, step) in steps.iter().enumerate() {
-        let outcome = race_once(rig, io, step, &calibration)
-            .with_context(|| format!("iteration {i} ({step})"))?;
-        let (importer, exporter) = step.race.sides();
-        for (what, result) in [(importer, &outcome.importer), (exporter, &outcome.exporter)] {
-            if let Err(e) = result {
-                failures.push(format!("iteration {i} ({step}): {what}: {e}"));
-            }
-        }
-    }
+    let failures = run_steps(rig, steps, |rig, step| {
+        race_once(rig, io, step, &calibration)
+    })?;
     Ok((calibration, failures, t.elapsed()))
 }
 
@@ -263,13 +255,6 @@ fn decode_on_op(rig: &mut Rig, device: u32) -> Result<AgentOp> {
 }
 
 fn calibrate(rig: &mut Rig, io: &IommufdRig) -> Result<Calibration> {
-    let timed = |rig: &mut Rig, op: AgentOp| -> Result<Duration> {
-        let desc = format!("{op:?}");
-        let t = Instant::now();
-        rig.agent_call(op, RPC)?
-            .map_err(|e| anyhow!("{desc}: {e}"))?;
-        Ok(t.elapsed())
-    };
     with_held_value(rig, |rig, held| {
         let m = mapped(rig, io, held, false)?;
         let unmap = timed(rig, unmap_op(io, m.ioas))?;

@@ -10,7 +10,7 @@ pub(crate) mod schedule;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use schedule::{race_pair, schedule, Outcome, RaceKind, Step, SLOTS_PER_PAIR};
+use schedule::{race_pair, run_steps, schedule, timed, Outcome, RaceKind, Step, SLOTS_PER_PAIR};
 
 use anyhow::{anyhow, Context, Result};
 
@@ -177,16 +177,9 @@ fn run_schedule(
         steps.len()
     );
     let t = Instant::now();
-    let mut failures = Vec::new();
-    for (i, step) in steps.iter().enumerate() {
-        let outcome = race_once(rig, env, pd, step, &calibration)
-            .with_context(|| format!("iteration {i} ({step})"))?;
-        for (what, result) in [("dereg", &outcome.importer), ("revoke", &outcome.exporter)] {
-            if let Err(e) = result {
-                failures.push(format!("iteration {i} ({step}): {what}: {e}"));
-            }
-        }
-    }
+    let failures = run_steps(rig, steps, |rig, step| {
+        race_once(rig, env, pd, step, &calibration)
+    })?;
     Ok((calibration, failures, t.elapsed()))
 }
 
@@ -208,13 +201,6 @@ fn import(rig: &mut Rig, env: &ScenarioEnv, pd: u32, held: &mut Held) -> Result<
 /// Each operation alone, the revokes without an importer (on v1 a close with one attached
 /// oopses, which is the race's business, not the calibration's).
 fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
-    let timed = |rig: &mut Rig, op: AgentOp| -> Result<Duration> {
-        let desc = format!("{op:?}");
-        let t = Instant::now();
-        rig.agent_call(op, RPC)?
-            .map_err(|e| anyhow!("{desc}: {e}"))?;
-        Ok(t.elapsed())
-    };
     with_held_value(rig, |rig, held| {
         let Import { device, mr, .. } = import(rig, env, pd, held)?;
         let dereg = timed(rig, AgentOp::DeregMr { mr })?;

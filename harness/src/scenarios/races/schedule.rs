@@ -111,6 +111,35 @@ pub(crate) fn schedule<R: RaceKind>(seed: u64, races: &[R]) -> Vec<Step<R>> {
     steps
 }
 
+/// Runs every step through `once`; returns the calls that failed, one sentence each. An error
+/// of `once` itself (not a racing call's) ends the schedule, naming the iteration.
+pub(crate) fn run_steps<R: RaceKind>(
+    rig: &mut Rig,
+    steps: &[Step<R>],
+    mut once: impl FnMut(&mut Rig, &Step<R>) -> Result<Outcome>,
+) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let outcome = once(rig, step).map_err(|e| e.context(format!("iteration {i} ({step})")))?;
+        let (importer, exporter) = step.race.sides();
+        for (what, result) in [(importer, &outcome.importer), (exporter, &outcome.exporter)] {
+            if let Err(e) = result {
+                failures.push(format!("iteration {i} ({step}): {what}: {e}"));
+            }
+        }
+    }
+    Ok(failures)
+}
+
+/// Runs `op` alone and returns how long it took: the calibration of a race's schedule.
+pub(crate) fn timed(rig: &mut Rig, op: AgentOp) -> Result<Duration> {
+    let desc = format!("{op:?}");
+    let t = std::time::Instant::now();
+    rig.agent_call(op, RPC)?
+        .map_err(|e| anyhow::anyhow!("{desc}: {e}"))?;
+    Ok(t.elapsed())
+}
+
 /// What the two racing calls returned, by side.
 pub(crate) struct Outcome {
     pub(crate) importer: std::result::Result<(), ErrorReply>,

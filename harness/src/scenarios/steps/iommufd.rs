@@ -31,20 +31,6 @@ pub(crate) struct IommufdRig {
     pub(crate) memory: u32,
 }
 
-fn find_one(rig: &mut Rig, class: u32, what: &str) -> Result<String> {
-    let functions = match rig.agent_call(AgentOp::FindPci { class }, RPC)? {
-        Ok(AgentReply::Pci { functions }) => functions,
-        other => bail!("find_pci {class:#08x}: {other:?}"),
-    };
-    match functions.as_slice() {
-        [bdf] => Ok(bdf.clone()),
-        _ => bail!(
-            "expected exactly one {what} (class {class:#08x}) in the guest, found {functions:?}: \
-             is this the vIOMMU rig?"
-        ),
-    }
-}
-
 fn open_cdev(rig: &mut Rig, held: &mut Held, bdf: &str, iommufd: u32) -> Result<u32> {
     if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.into() }, RPC)? {
         bail!("binding {bdf} to vfio-pci: {e}");

@@ -113,15 +113,23 @@ pub(crate) fn config_read(rig: &mut Rig, device: u32, offset: u64, width: u8) ->
 /// The class code of nvme-cmb (NVMe, I/O controller interface).
 pub(crate) const NVME_CLASS: u32 = 0x010802;
 
+/// The one function of `class` in the guest (`what` names it in the error).
+pub(crate) fn find_one(rig: &mut Rig, class: u32, what: &str) -> Result<String> {
+    let functions = match rig.agent_call(AgentOp::FindPci { class }, RPC)? {
+        Ok(AgentReply::Pci { functions }) => functions,
+        other => bail!("find_pci {class:#08x}: {other:?}"),
+    };
+    match functions.as_slice() {
+        [bdf] => Ok(bdf.clone()),
+        _ => bail!(
+            "expected exactly one {what} (class {class:#08x}) in the guest, found {functions:?}"
+        ),
+    }
+}
+
 /// Binds and opens the rig's NVMe function (idempotent across scenarios of one boot).
 pub(crate) fn open_nvme(rig: &mut Rig) -> Result<u32> {
-    let functions = match rig.agent_call(AgentOp::FindPci { class: NVME_CLASS }, RPC)? {
-        Ok(AgentReply::Pci { functions }) => functions,
-        other => bail!("find_pci {NVME_CLASS:#08x}: {other:?}"),
-    };
-    let [bdf] = functions.as_slice() else {
-        bail!("expected exactly one NVMe function in the guest, found {functions:?}");
-    };
+    let bdf = find_one(rig, NVME_CLASS, "NVMe function")?;
     if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC)? {
         bail!("binding {bdf} to vfio-pci: {e}");
     }
