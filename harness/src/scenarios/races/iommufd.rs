@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 
 use p2prig_protocol::agent::AgentOp;
 use p2prig_protocol::device::DeviceOp;
@@ -22,7 +22,7 @@ use crate::scenarios::oracles;
 use crate::scenarios::steps::*;
 use crate::scenarios::ScenarioEnv;
 
-use super::schedule::{race_pair, run_steps, schedule, timed, Outcome, RaceKind, Step};
+use super::schedule::{race_pair, run_calibrated, schedule, timed, Outcome, RaceKind, Step};
 
 /// nvme-cmb holds each reset open this long.
 const RESET_HOLD_MS: u64 = 20;
@@ -128,7 +128,13 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
     )?;
     let since = last_seq(rig)?;
     expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: RESET_HOLD_MS })?)?;
-    let result = run_schedule(rig, env, &io, &steps);
+    let result = run_calibrated(
+        rig,
+        env.seed,
+        &steps,
+        |rig| calibrate(rig, &io),
+        |rig, step, calibration| race_once(rig, &io, step, calibration),
+    );
     expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
     let (calibration, failures, took) = result?;
     suite.record(
@@ -178,25 +184,6 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
     Ok(())
 }
 
-fn run_schedule(
-    rig: &mut Rig,
-    env: &ScenarioEnv,
-    io: &IommufdRig,
-    steps: &[Step<Race>],
-) -> Result<(Calibration, Vec<String>, Duration)> {
-    let calibration = calibrate(rig, io).context("timing each operation alone")?;
-    println!(
-        "    seed {:#x}: {} iterations timed against {calibration}",
-        env.seed,
-        steps.len()
-    );
-    let t = Instant::now();
-    let failures = run_steps(rig, steps, |rig, step| {
-        race_once(rig, io, step, &calibration)
-    })?;
-    Ok((calibration, failures, t.elapsed()))
-}
-
 /// nvme-cmb opened afresh, its doorbell page exported and mapped at [`DMABUF_IOVA`] of
 /// `ioas` (the rig's IOAS, or a spare one the race destroys).
 struct Mapped {
@@ -209,7 +196,7 @@ fn mapped(rig: &mut Rig, io: &IommufdRig, held: &mut Held, spare_ioas: bool) -> 
     let device = open_nvme_cdev(rig, held, io.iommufd, io.ioas)?;
     let dmabuf = export_upstream(rig, held, device, 0, PAGE, PAGE)?;
     let ioas = if spare_ioas {
-        let ioas = alloc_ioas(rig, io)?;
+        let ioas = alloc_ioas(rig, io.iommufd)?;
         held.push(AgentOp::IommufdDestroy {
             iommufd: io.iommufd,
             object: ioas,
@@ -284,7 +271,7 @@ fn calibrate(rig: &mut Rig, io: &IommufdRig) -> Result<Calibration> {
 
 /// A spare IOAS with `dmabuf` mapped in it, for timing its destroy.
 fn mapped_spare(rig: &mut Rig, io: &IommufdRig, held: &mut Held, dmabuf: u32) -> Result<u32> {
-    let ioas = alloc_ioas(rig, io)?;
+    let ioas = alloc_ioas(rig, io.iommufd)?;
     held.push(AgentOp::IommufdDestroy {
         iommufd: io.iommufd,
         object: ioas,

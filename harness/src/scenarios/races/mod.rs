@@ -10,9 +10,11 @@ pub(crate) mod schedule;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use schedule::{race_pair, run_steps, schedule, timed, Outcome, RaceKind, Step, SLOTS_PER_PAIR};
+use schedule::{
+    race_pair, run_calibrated, schedule, timed, Outcome, RaceKind, Step, SLOTS_PER_PAIR,
+};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 
 use p2prig_protocol::agent::AgentOp;
 use p2prig_protocol::device::DeviceOp;
@@ -115,7 +117,13 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
     let pd = alloc_pd(rig, context, held)?;
     let since = last_seq(rig)?;
     expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: RESET_HOLD_MS })?)?;
-    let result = run_schedule(rig, env, pd, &steps);
+    let result = run_calibrated(
+        rig,
+        env.seed,
+        &steps,
+        |rig| calibrate(rig, env, pd),
+        |rig, step, calibration| race_once(rig, env, pd, step, calibration),
+    );
     expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: 0 })?)?;
     let (calibration, failures, took) = result?;
     suite.record(
@@ -160,27 +168,6 @@ fn races(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held) -
         t.elapsed(),
     );
     Ok(())
-}
-
-/// Calibrates, then runs every step; returns the calibration, the calls that failed and how
-/// long the races took.
-fn run_schedule(
-    rig: &mut Rig,
-    env: &ScenarioEnv,
-    pd: u32,
-    steps: &[Step<Race>],
-) -> Result<(Calibration, Vec<String>, Duration)> {
-    let calibration = calibrate(rig, env, pd).context("timing each operation alone")?;
-    println!(
-        "    seed {:#x}: {} iterations timed against {calibration}",
-        env.seed,
-        steps.len()
-    );
-    let t = Instant::now();
-    let failures = run_steps(rig, steps, |rig, step| {
-        race_once(rig, env, pd, step, &calibration)
-    })?;
-    Ok((calibration, failures, t.elapsed()))
 }
 
 /// An exported doorbell page with an MR over it, on a freshly opened device.

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use p2prig_protocol::agent::AgentOp;
 use p2prig_protocol::wire::ErrorReply;
@@ -111,9 +111,29 @@ pub(crate) fn schedule<R: RaceKind>(seed: u64, races: &[R]) -> Vec<Step<R>> {
     steps
 }
 
+/// Calibrates (`calibrate`, each operation alone), prints the schedule, then runs every step
+/// through `once` with the calibration; returns it, the calls that failed and how long the
+/// races took.
+pub(crate) fn run_calibrated<R: RaceKind, C: fmt::Display>(
+    rig: &mut Rig,
+    seed: u64,
+    steps: &[Step<R>],
+    calibrate: impl FnOnce(&mut Rig) -> Result<C>,
+    mut once: impl FnMut(&mut Rig, &Step<R>, &C) -> Result<Outcome>,
+) -> Result<(C, Vec<String>, Duration)> {
+    let calibration = calibrate(rig).context("timing each operation alone")?;
+    println!(
+        "    seed {seed:#x}: {} iterations timed against {calibration}",
+        steps.len()
+    );
+    let t = std::time::Instant::now();
+    let failures = run_steps(rig, steps, |rig, step| once(rig, step, &calibration))?;
+    Ok((calibration, failures, t.elapsed()))
+}
+
 /// Runs every step through `once`; returns the calls that failed, one sentence each. An error
 /// of `once` itself (not a racing call's) ends the schedule, naming the iteration.
-pub(crate) fn run_steps<R: RaceKind>(
+fn run_steps<R: RaceKind>(
     rig: &mut Rig,
     steps: &[Step<R>],
     mut once: impl FnMut(&mut Rig, &Step<R>) -> Result<Outcome>,

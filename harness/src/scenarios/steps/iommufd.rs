@@ -67,17 +67,9 @@ pub(crate) fn open_nvme_cdev(
     Ok(device)
 }
 
-/// IOMMU_IOAS_ALLOC of another IOAS in `io`'s iommufd (no device attached to it).
-pub(crate) fn alloc_ioas(rig: &mut Rig, io: &IommufdRig) -> Result<u32> {
-    match ok(
-        rig.agent_call(
-            AgentOp::IoasAlloc {
-                iommufd: io.iommufd,
-            },
-            RPC,
-        )?,
-        "IOAS",
-    )? {
+/// IOMMU_IOAS_ALLOC of a new IOAS in `iommufd`.
+pub(crate) fn alloc_ioas(rig: &mut Rig, iommufd: u32) -> Result<u32> {
+    match ok(rig.agent_call(AgentOp::IoasAlloc { iommufd }, RPC)?, "IOAS")? {
         AgentReply::Ioas { ioas } => Ok(ioas),
         other => bail!("ioas_alloc: unexpected {other:?}"),
     }
@@ -99,10 +91,7 @@ pub(crate) fn iommufd_rig(rig: &mut Rig, held: &mut Held) -> Result<IommufdRig> 
     held.push(AgentOp::IommufdClose { iommufd });
     let nvme = open_cdev(rig, held, &nvme_bdf, iommufd)?;
     let edu = open_cdev(rig, held, &edu_bdf, iommufd)?;
-    let ioas = match ok(rig.agent_call(AgentOp::IoasAlloc { iommufd }, RPC)?, "IOAS")? {
-        AgentReply::Ioas { ioas } => ioas,
-        other => bail!("ioas_alloc: unexpected {other:?}"),
-    };
+    let ioas = alloc_ioas(rig, iommufd)?;
     for (device, bdf) in [(nvme, &nvme_bdf), (edu, &edu_bdf)] {
         ok(
             rig.agent_call(AgentOp::IoasAttach { device, ioas }, RPC)?,
