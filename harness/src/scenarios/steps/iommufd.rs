@@ -32,9 +32,7 @@ pub(crate) struct IommufdRig {
 }
 
 fn open_cdev(rig: &mut Rig, held: &mut Held, bdf: &str, iommufd: u32) -> Result<u32> {
-    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.into() }, RPC)? {
-        bail!("binding {bdf} to vfio-pci: {e}");
-    }
+    bind_vfio(rig, bdf)?;
     let op = AgentOp::VfioCdevOpen {
         bdf: bdf.into(),
         iommufd,

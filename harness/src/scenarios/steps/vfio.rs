@@ -127,12 +127,18 @@ pub(crate) fn find_one(rig: &mut Rig, class: u32, what: &str) -> Result<String> 
     }
 }
 
+/// Binds `bdf` to vfio-pci (a no-op when it is bound already).
+pub(crate) fn bind_vfio(rig: &mut Rig, bdf: &str) -> Result<()> {
+    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.into() }, RPC)? {
+        bail!("binding {bdf} to vfio-pci: {e}");
+    }
+    Ok(())
+}
+
 /// Binds and opens the rig's NVMe function (idempotent across scenarios of one boot).
 pub(crate) fn open_nvme(rig: &mut Rig) -> Result<u32> {
     let bdf = find_one(rig, NVME_CLASS, "NVMe function")?;
-    if let Err(e) = rig.agent_call(AgentOp::VfioBind { bdf: bdf.clone() }, RPC)? {
-        bail!("binding {bdf} to vfio-pci: {e}");
-    }
+    bind_vfio(rig, &bdf)?;
     match rig.agent_call(AgentOp::VfioOpen { bdf: bdf.clone() }, RPC)? {
         Ok(AgentReply::Device { device }) => Ok(device),
         other => bail!("opening {bdf} through VFIO: {other:?}"),
