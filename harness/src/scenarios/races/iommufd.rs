@@ -230,17 +230,6 @@ fn unmap_op(io: &IommufdRig, ioas: u32) -> AgentOp {
     }
 }
 
-/// Clears memory decode and returns the config write that sets it again.
-fn decode_on_op(rig: &mut Rig, device: u32) -> Result<AgentOp> {
-    let command = clear_memory_decode(rig, device)?;
-    Ok(AgentOp::ConfigWrite {
-        device,
-        offset: 4,
-        width: 2,
-        value: command | 0x2,
-    })
-}
-
 fn calibrate(rig: &mut Rig, io: &IommufdRig) -> Result<Calibration> {
     with_held_value(rig, |rig, held| {
         let m = mapped(rig, io, held, false)?;

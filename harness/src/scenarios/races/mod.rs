@@ -24,8 +24,8 @@ use crate::rig::Rig;
 use crate::run::checks;
 use crate::run::report::Suite;
 use crate::scenarios::steps::{
-    alloc_pd, clear_memory_decode, doorbell_mr, events_since, expect_done, export, last_seq,
-    open_device, rdma_up, reg_dmabuf, ring, with_held, with_held_value, Held, PAGE, RPC,
+    alloc_pd, decode_on_op, doorbell_mr, events_since, expect_done, export, last_seq, open_device,
+    rdma_up, reg_dmabuf, ring, with_held, with_held_value, Held, PAGE, RPC,
 };
 use crate::scenarios::ScenarioEnv;
 
@@ -193,7 +193,7 @@ fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
         let dereg = timed(rig, AgentOp::DeregMr { mr })?;
         // The dma-buf stays exported, as in the races.
         let reset = timed(rig, AgentOp::VfioReset { device })?;
-        let decode_on = decode_op(rig, device)?;
+        let decode_on = decode_on_op(rig, device)?;
         let remap = timed(rig, decode_on)?;
         let close = timed(rig, AgentOp::VfioClose { device })?;
         Ok(Calibration {
@@ -202,17 +202,6 @@ fn calibrate(rig: &mut Rig, env: &ScenarioEnv, pd: u32) -> Result<Calibration> {
             reset,
             remap,
         })
-    })
-}
-
-/// Clears memory decode and returns the config write that sets it again.
-fn decode_op(rig: &mut Rig, device: u32) -> Result<AgentOp> {
-    let command = clear_memory_decode(rig, device)?;
-    Ok(AgentOp::ConfigWrite {
-        device,
-        offset: 4,
-        width: 2,
-        value: command | 0x2,
     })
 }
 
@@ -233,7 +222,7 @@ fn race_once(
                 AgentOp::VfioClose { device }
             }
             Race::Reset => AgentOp::VfioReset { device },
-            Race::Remap => decode_op(rig, device)?,
+            Race::Remap => decode_on_op(rig, device)?,
         };
         race_pair(
             rig,

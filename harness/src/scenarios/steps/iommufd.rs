@@ -136,20 +136,7 @@ pub(crate) fn export_upstream(
     offset: u64,
     length: u64,
 ) -> Result<u32> {
-    let op = AgentOp::DmabufExport {
-        device,
-        bar,
-        offset,
-        length,
-        uapi: DmabufUapi::Upstream,
-    };
-    match ok(rig.agent_call(op, RPC)?, "export the dma-buf")? {
-        AgentReply::Dmabuf { dmabuf, .. } => {
-            held.push(AgentOp::DmabufClose { dmabuf });
-            Ok(dmabuf)
-        }
-        other => bail!("export: unexpected {other:?}"),
-    }
+    export_in(rig, held, device, bar, offset, length, DmabufUapi::Upstream)
 }
 
 /// IOMMU_IOAS_MAP_FILE of a whole dma-buf of `length` bytes at `iova`; the kernel's refusal

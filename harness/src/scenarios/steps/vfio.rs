@@ -25,12 +25,25 @@ pub(crate) fn export(
     length: u64,
     env: &ScenarioEnv,
 ) -> Result<u32> {
+    export_in(rig, held, device, bar, offset, length, env.uapi)
+}
+
+/// [`export`] in a given uAPI (iommufd imports only upstream's dma-bufs).
+pub(crate) fn export_in(
+    rig: &mut Rig,
+    held: &mut Held,
+    device: u32,
+    bar: u32,
+    offset: u64,
+    length: u64,
+    uapi: p2prig_protocol::agent::DmabufUapi,
+) -> Result<u32> {
     let op = AgentOp::DmabufExport {
         device,
         bar,
         offset,
         length,
-        uapi: env.uapi,
+        uapi,
     };
     match ok(rig.agent_call(op, RPC)?, "export the dma-buf")? {
         AgentReply::Dmabuf { dmabuf, .. } => {
@@ -39,6 +52,18 @@ pub(crate) fn export(
         }
         other => bail!("export: unexpected {other:?}"),
     }
+}
+
+/// Clears memory decode and returns the config write that sets it again (the restore, sent
+/// when a scenario chooses).
+pub(crate) fn decode_on_op(rig: &mut Rig, device: u32) -> Result<AgentOp> {
+    let command = clear_memory_decode(rig, device)?;
+    Ok(AgentOp::ConfigWrite {
+        device,
+        offset: 4,
+        width: 2,
+        value: command | 0x2,
+    })
 }
 
 /// Capability offsets in config space, from the capability list (PCI 3.0 6.7).
