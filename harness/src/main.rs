@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod build;
 mod doctor;
+mod fuzz;
 mod rig;
 mod run;
 mod scenarios;
@@ -75,6 +76,10 @@ enum Cmd {
     /// Check every prerequisite (tools, QEMU, KVM, kernel sources, disk space) and print the
     /// command that fixes each missing one; builds nothing. Exit 1 if a run would fail.
     Doctor,
+    /// Fuzz the revoke paths: programs of exports, imports, writes, resets, decode and power
+    /// changes and closes, generated from a seed and mutated from a corpus, each judged
+    /// against a model of the revoke semantics; findings minimised and replayable.
+    Fuzz(fuzz::command::FuzzArgs),
     /// Measure the rig's performance figures in one boot (boot time, RDMA WRITE latency and
     /// throughput into ordinary and CMB memory, in-guest loopback); reports, asserts nothing.
     Bench(BenchArgs),
@@ -179,7 +184,7 @@ struct RunArgs {
     allow_splat: Vec<String>,
 }
 
-fn parse_seed(text: &str) -> std::result::Result<u64, String> {
+pub(crate) fn parse_seed(text: &str) -> std::result::Result<u64, String> {
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => text.parse(),
@@ -188,7 +193,7 @@ fn parse_seed(text: &str) -> std::result::Result<u64, String> {
 }
 
 /// A fresh seed when none is given: the clock and the pid, mixed.
-fn fresh_seed() -> u64 {
+pub(crate) fn fresh_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -345,6 +350,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Run(args) => run(&cache, args),
         Cmd::Shell(args) => shell(&cache, args),
         Cmd::Bench(args) => bench(&cache, args),
+        Cmd::Fuzz(args) => fuzz::command::run(&cache, args),
     }
 }
 

@@ -95,6 +95,19 @@ pub fn reports(text: &str, allowed: &AllowedSplats) -> Reports {
     found
 }
 
+/// The line of a report excerpt that names the report ("BUG: kernel NULL pointer
+/// dereference, address: 0000000000000008"), without its timestamp.
+pub fn headline(excerpt: &str) -> &str {
+    let line = excerpt
+        .lines()
+        .find(|l| REPORT_MARKERS.iter().any(|m| l.contains(m)))
+        .unwrap_or(excerpt);
+    match line.trim_start().strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(line, |(_, r)| r).trim(),
+        None => line.trim(),
+    }
+}
+
 fn first_marker(text: &str, markers: &[&str]) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
     let hit = lines
@@ -115,6 +128,16 @@ mod tests {
 
     fn report_excerpt(text: &str) -> Option<String> {
         reports(text, &AllowedSplats::default()).first
+    }
+
+    #[test]
+    fn a_headline_is_the_marker_line_without_its_timestamp() {
+        let excerpt = "[    1.000000] a line before\n[   12.345678] BUG: kernel NULL pointer \
+                       dereference, address: 0000000000000008\n[   12.3] #PF: supervisor";
+        assert_eq!(
+            headline(excerpt),
+            "BUG: kernel NULL pointer dereference, address: 0000000000000008"
+        );
     }
 
     #[test]

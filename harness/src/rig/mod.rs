@@ -531,6 +531,20 @@ impl Rig {
         &self.console
     }
 
+    /// How much the guest has written to its console so far: a mark for
+    /// [`Rig::console_since`].
+    pub fn console_mark(&self) -> u64 {
+        fs::metadata(&self.console).map_or(0, |m| m.len())
+    }
+
+    /// The console output written since byte `mark`: kernel reports in it belong to what ran
+    /// since.
+    pub fn console_since(&self, mark: u64) -> String {
+        let bytes = fs::read(&self.console).unwrap_or_default();
+        let start = usize::try_from(mark).unwrap_or(usize::MAX).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
     /// How much QEMU has written to its stderr so far: a mark for [`Rig::qemu_stderr_since`].
     pub fn qemu_stderr_mark(&self) -> u64 {
         fs::metadata(&self.qemu_stderr).map_or(0, |m| m.len())

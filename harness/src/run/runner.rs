@@ -244,7 +244,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                     result.run_dir = dir.path.clone();
                     // The timeline starts with the scenario, not with the boot before it.
                     result.start_ns = crate::rig::client::mono_ns();
-                    let console_mark = console_len(r);
+                    let console_mark = r.console_mark();
                     let outcome = (scenario.run)(r, &env, &mut suite);
                     process::check_interrupted()?;
                     if let Err(e) = outcome {
@@ -255,7 +255,7 @@ pub fn run(cache: &Cache, plan: &RunPlan, top: &RunDir) -> Result<RunReport> {
                             scenario_started.elapsed(),
                         );
                     }
-                    let text = console_since(r, console_mark);
+                    let text = r.console_since(console_mark);
                     let found = console::reports(&text, &plan.allowed_splats);
                     match &found.first {
                         Some(excerpt) => suite.record(
@@ -339,19 +339,6 @@ fn boot_record(
         to_agent_ready: took,
         run_dir: dir.path.clone(),
     }
-}
-
-fn console_len(rig: &Rig) -> u64 {
-    std::fs::metadata(rig.console_path())
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
-
-/// The console output written since byte `mark`: reports in it belong to this scenario.
-fn console_since(rig: &Rig, mark: u64) -> String {
-    let bytes = std::fs::read(rig.console_path()).unwrap_or_default();
-    let start = usize::try_from(mark).unwrap_or(usize::MAX).min(bytes.len());
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 #[cfg(test)]

@@ -87,14 +87,20 @@ fn map_leak(rig: &mut Rig, env: &ScenarioEnv, suite: &mut Suite, held: &mut Held
     Ok(())
 }
 
+/// What kmemleak finds now among objects old enough to be judged: the count of unreferenced
+/// objects and the report.
+pub(crate) fn kmemleak_report(rig: &mut Rig) -> Result<(usize, String)> {
+    std::thread::sleep(Duration::from_secs(6));
+    kmemleak(rig, KmemleakCommand::Scan)?;
+    let report = kmemleak(rig, KmemleakCommand::Scan)?;
+    Ok((report.matches("unreferenced object").count(), report))
+}
+
 /// Records kmemleak-finds-nothing: what kmemleak reports for the scenario's work. It reports an
 /// object only once it is older than its minimum age (5 s) and was unreferenced in two scans.
 pub(crate) fn record_kmemleak(rig: &mut Rig, suite: &mut Suite) -> Result<()> {
     let t = Instant::now();
-    std::thread::sleep(Duration::from_secs(6));
-    kmemleak(rig, KmemleakCommand::Scan)?;
-    let report = kmemleak(rig, KmemleakCommand::Scan)?;
-    let leaks = report.matches("unreferenced object").count();
+    let (leaks, report) = kmemleak_report(rig)?;
     suite.record(
         checks::KMEMLEAK_FINDS_NOTHING,
         leaks == 0,

@@ -58,6 +58,17 @@ pub(crate) fn open_window(
     window: Window,
     since: u64,
 ) -> Result<Option<u64>> {
+    open_window_held(rig, device, window, since, RESET_WINDOW_MS)
+}
+
+/// [`open_window`] with the time nvme-cmb holds a reset (`hold_ms`).
+pub(crate) fn open_window_held(
+    rig: &mut Rig,
+    device: u32,
+    window: Window,
+    since: u64,
+    hold_ms: u64,
+) -> Result<Option<u64>> {
     let request = match window {
         Window::VfioReset => Some(AgentOp::VfioReset { device }),
         Window::HotReset => Some(AgentOp::VfioHotReset { device }),
@@ -106,9 +117,7 @@ pub(crate) fn open_window(
         }
     };
     let Some(op) = request else { return Ok(None) };
-    expect_done(rig.device_call(DeviceOp::SetResetDuration {
-        ms: RESET_WINDOW_MS,
-    })?)?;
+    expect_done(rig.device_call(DeviceOp::SetResetDuration { ms: hold_ms })?)?;
     let id = rig.agent_start(op)?;
     wait_for_event(rig, "reset_start", since, window)?;
     Ok(Some(id))
