@@ -153,6 +153,10 @@ pub struct Record {
     pub after: Option<Window>,
     pub observed: Observed,
     pub took_ms: u64,
+    /// Host CLOCK_MONOTONIC when its result was in hand.
+    pub completed_ns: u64,
+    /// The held reset it ran in (an index into [`Execution::resets`]).
+    pub reset: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -197,7 +201,7 @@ pub fn execute(rig: &mut Rig, fx: &mut Fixture, program: &Program, run: u64) -> 
         mrs: [None; SLOTS as usize],
         reset: None,
     };
-    let mut model = Model::new();
+    let mut model = Model::with_uapi(fx.uapi);
     let mut records = Vec::new();
     let mut resets = Vec::new();
     let mut stopped = None;
@@ -207,8 +211,10 @@ pub fn execute(rig: &mut Rig, fx: &mut Fixture, program: &Program, run: u64) -> 
         let predicted = model.step(op);
         let t = Instant::now();
         let value = 0xf022_0000_0000_0000 | (run & 0xffff_ffff) << 16 | index as u64;
+        let reset = objects.reset.map(|(_, _, i)| i);
         match run_op(rig, fx, &mut objects, &mut resets, op, value) {
             Ok(observed) => {
+                let completed_ns = mono_ns();
                 keep_in_step(rig, &mut model, &mut objects, op, predicted, &observed)?;
                 records.push(Record {
                     index: Some(index),
@@ -219,6 +225,8 @@ pub fn execute(rig: &mut Rig, fx: &mut Fixture, program: &Program, run: u64) -> 
                     after,
                     observed,
                     took_ms: t.elapsed().as_millis() as u64,
+                    completed_ns,
+                    reset,
                 });
             }
             Err(e) => {
@@ -534,6 +542,8 @@ fn clean_up(
                 after,
                 observed,
                 took_ms: t.elapsed().as_millis() as u64,
+                completed_ns: mono_ns(),
+                reset: None,
             });
         }
     }

@@ -23,6 +23,8 @@
 
 use serde::Serialize;
 
+use p2prig_protocol::agent::DmabufUapi;
+
 use super::program::{Op, ResetKind, Slice, SLOTS};
 
 /// How long the executor waits after a window closes before the next operation: rxe maps a
@@ -65,6 +67,9 @@ pub enum Predicted {
     /// A write the model cannot call: inside a held reset, judged once the window's end is
     /// known ([`RefusedIfInside`]), refused if it provably ran inside.
     RefusedIfInside,
+    /// A registration inside a held reset: ENODEV if it provably ran inside, else ENODEV or
+    /// a working MR (the executor undoes one, as the model keeps none).
+    EnodevIfInside,
 }
 
 /// A dma-buf object (not its slot: a slot is reused after its fd closes).
@@ -83,6 +88,8 @@ struct Mr {
 /// The model's state: the device, the open window and the program's objects.
 #[derive(Debug, Clone)]
 pub struct Model {
+    /// Whose export errnos to predict (which operations are allowed does not depend on it).
+    uapi: DmabufUapi,
     open: bool,
     /// Bumped at every close: a dma-buf of an older generation is revoked for good.
     generation: u32,
@@ -102,7 +109,13 @@ impl Default for Model {
 impl Model {
     /// The state every program starts in: the device open, nothing exported.
     pub fn new() -> Model {
+        Model::with_uapi(DmabufUapi::Upstream)
+    }
+
+    /// [`Model::new`] predicting the errnos of `uapi`'s exporter.
+    pub fn with_uapi(uapi: DmabufUapi) -> Model {
         Model {
+            uapi,
             open: true,
             generation: 0,
             window: None,
@@ -114,6 +127,14 @@ impl Model {
 
     pub fn window(&self) -> Option<Window> {
         self.window
+    }
+
+    /// Revoked by a held reset alone, which ends by itself: whether an operation ran inside
+    /// it is known only from the device's log afterwards.
+    fn only_held_reset(&self, buf: usize) -> bool {
+        matches!(self.window, Some(Window::Reset(_)))
+            && self.open
+            && self.bufs[buf].generation == self.generation
     }
 
     fn revoked(&self, buf: usize) -> bool {
@@ -169,7 +190,10 @@ impl Model {
         match *op {
             Op::Export { buf, slice } => {
                 if !slice.valid() {
-                    return Predicted::Errno(libc::EINVAL);
+                    let not_a_bar = slice == Slice::AbsentBar;
+                    return Predicted::Errno(crate::scenarios::export_args::wanted_errno(
+                        self.uapi, not_a_bar,
+                    ));
                 }
                 self.bufs.push(Buf {
                     slice,
@@ -186,7 +210,9 @@ impl Model {
                 let Some(b) = self.buf_slots[usize::from(buf)] else {
                     return Predicted::Errno(libc::EBADF);
                 };
-                if self.revoked(b) {
+                if self.only_held_reset(b) {
+                    Predicted::EnodevIfInside
+                } else if self.revoked(b) {
                     Predicted::Errno(libc::ENODEV)
                 } else {
                     self.mr_slots[usize::from(mr)] = Some(Mr { buf: b });
@@ -203,15 +229,8 @@ impl Model {
                     Some(false) => Predicted::Lands,
                     // Decode off, D3, low power and close are synchronous: the write ran
                     // inside them. A held reset ends by itself: see RefusedIfInside.
-                    Some(true) => match self.window {
-                        Some(Window::Reset(_)) if self.open => {
-                            let b = self.mr_slots[usize::from(mr)].map(|m| m.buf);
-                            if b.is_some_and(|b| self.bufs[b].generation == self.generation) {
-                                Predicted::RefusedIfInside
-                            } else {
-                                Predicted::Refused
-                            }
-                        }
+                    Some(true) => match self.mr_slots[usize::from(mr)] {
+                        Some(m) if self.only_held_reset(m.buf) => Predicted::RefusedIfInside,
                         _ => Predicted::Refused,
                     },
                 }
@@ -379,6 +398,22 @@ mod tests {
         assert_eq!(
             run(&[bad, EXPORT]),
             [Predicted::Errno(libc::EINVAL), Predicted::Ok]
+        );
+    }
+
+    #[test]
+    fn an_absent_bar_is_enodev_upstream_and_einval_in_the_seed() {
+        let absent = Op::Export {
+            buf: 0,
+            slice: Slice::AbsentBar,
+        };
+        assert_eq!(
+            Model::with_uapi(DmabufUapi::Upstream).step(&absent),
+            Predicted::Errno(libc::ENODEV)
+        );
+        assert_eq!(
+            Model::with_uapi(DmabufUapi::SeedV1).step(&absent),
+            Predicted::Errno(libc::EINVAL)
         );
     }
 

@@ -10,7 +10,7 @@ use p2prig_protocol::event::{Access, Event, EventKind};
 
 use crate::rig::console;
 
-use super::exec::{Execution, Observed, Record, ResetRecord, WriteAccess, WriteStatus};
+use super::exec::{Execution, Observed, Record, ResetRecord, WriteStatus};
 use super::model::Predicted;
 use super::program::ResetKind;
 
@@ -170,6 +170,23 @@ fn judge_record(
         (_, Observed::Skipped(_)) => None,
         (Predicted::Ok, Observed::Ok) => None,
         (Predicted::Errno(want), Observed::Errno { errno, .. }) if want == errno => None,
+        (Predicted::EnodevIfInside, observed) => {
+            let enodev =
+                matches!(observed, Observed::Errno { errno, .. } if *errno == libc::ENODEV);
+            let inside = inside_reset(record.completed_ns, record.reset, resets);
+            if enodev || (!inside && matches!(observed, Observed::Ok)) {
+                return None;
+            }
+            diverge(
+                format!(
+                    "predicted errno {}{}, got {}",
+                    libc::ENODEV,
+                    if inside { "" } else { " or ok" },
+                    class(observed)
+                ),
+                format!("{observed:?}"),
+            )
+        }
         (Predicted::Ok | Predicted::Errno(_), observed) => diverge(
             format!(
                 "predicted {}, got {}",
@@ -183,7 +200,7 @@ fn judge_record(
             let elsewhere = landed
                 .iter()
                 .any(|&(bar, offset, v)| v == w.value && (bar, offset) != (w.bar, w.offset));
-            let inside = inside_reset(w, resets);
+            let inside = inside_reset(w.completed_ns, w.reset, resets);
             let want_refused = match predicted {
                 Predicted::Lands => false,
                 Predicted::Refused => true,
@@ -235,15 +252,15 @@ fn judge_record(
     }
 }
 
-/// The write completed before its held reset ended at the device: it ran inside. A hot reset
+/// The operation completed before its held reset ended at the device: it ran inside. A hot reset
 /// freezes the guest for the device's reset, so nothing runs inside it that the device can
 /// date; its writes are judged by the completion and the device agreeing (and by what
 /// happens after the reset).
-fn inside_reset(w: &WriteAccess, resets: &[ResetRecord]) -> bool {
-    let Some(reset) = w.reset.and_then(|i| resets.get(i)) else {
+fn inside_reset(completed_ns: u64, reset: Option<usize>, resets: &[ResetRecord]) -> bool {
+    let Some(reset) = reset.and_then(|i| resets.get(i)) else {
         return false;
     };
-    reset.kind != ResetKind::Hot && reset.device_end_ns.is_some_and(|end| w.completed_ns < end)
+    reset.kind != ResetKind::Hot && reset.device_end_ns.is_some_and(|end| completed_ns < end)
 }
 
 fn describe_prediction(p: Predicted) -> String {
@@ -252,6 +269,7 @@ fn describe_prediction(p: Predicted) -> String {
         Predicted::Errno(e) => format!("errno {e}"),
         Predicted::Lands => "lands".into(),
         Predicted::Refused | Predicted::RefusedIfInside => "refused".into(),
+        Predicted::EnodevIfInside => format!("errno {}", libc::ENODEV),
     }
 }
 
@@ -335,6 +353,7 @@ pub fn landed_words(events: &[Event]) -> (Vec<(u8, u64, u64)>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::exec::WriteAccess;
     use crate::fuzz::model::Window;
     use crate::fuzz::program::Op;
 
@@ -373,6 +392,8 @@ mod tests {
                 reset,
             }),
             took_ms: 1,
+            completed_ns: 100,
+            reset,
         }
     }
 
@@ -488,6 +509,40 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_in_a_held_reset_must_fail_only_if_it_provably_ran_inside() {
+        let reg = |completed_ns, observed| Record {
+            index: Some(2),
+            op: "reg 0 1".into(),
+            op_value: Some(Op::Reg { mr: 0, buf: 1 }),
+            predicted: Predicted::EnodevIfInside,
+            window: Some(Window::Reset(ResetKind::Flr)),
+            after: None,
+            observed,
+            took_ms: 0,
+            completed_ns,
+            reset: Some(0),
+        };
+        let enodev = || Observed::Errno {
+            errno: libc::ENODEV,
+            message: String::new(),
+        };
+        let judged = |completed_ns, observed| {
+            judge(
+                &execution(vec![reg(completed_ns, observed)], Vec::new(), Some(200)),
+                &Default::default(),
+            )
+        };
+        assert_eq!(judged(100, enodev()), []);
+        assert_eq!(judged(300, enodev()), []);
+        assert_eq!(judged(300, Observed::Ok), []);
+        let inside = judged(100, Observed::Ok);
+        assert_eq!(
+            inside[0].signature,
+            format!("reg in reset-flr: predicted errno {}, got ok", libc::ENODEV)
+        );
+    }
+
+    #[test]
     fn a_wrong_errno_names_both() {
         let record = Record {
             index: Some(0),
@@ -498,6 +553,8 @@ mod tests {
             after: Some(Window::DecodeOff),
             observed: Observed::Ok,
             took_ms: 0,
+            completed_ns: 0,
+            reset: None,
         };
         let found = judge(
             &execution(vec![record], Vec::new(), None),

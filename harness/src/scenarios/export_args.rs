@@ -37,7 +37,7 @@ struct Case {
 /// The errno an invalid export must give. Upstream checks the region before the ranges: a
 /// region index past the BARs, or a BAR vfio-pci did not claim, is -ENODEV
 /// (vfio_pci_core_feature_dma_buf); the seed says EINVAL to everything.
-fn wanted_errno(uapi: DmabufUapi, not_a_bar: bool) -> i32 {
+pub(crate) fn wanted_errno(uapi: DmabufUapi, not_a_bar: bool) -> i32 {
     match (uapi, not_a_bar) {
         (DmabufUapi::Upstream, true) => ENODEV,
         _ => EINVAL,
